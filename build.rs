@@ -1,0 +1,45 @@
+//! Compiles `proto/*.proto` without a `protoc` binary: `protox` parses the files into a
+//! descriptor set; `prost-build` generates the message types; `pbjson-build` generates
+//! canonical proto3 JSON (serde) for them; `tonic-prost-build` generates a gRPC *client*
+//! used only by the integration tests (the server side is guestd's own transport).
+
+use std::path::PathBuf;
+
+use prost::Message as _;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/process.proto", "proto/filesystem.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let fds = protox::compile(protos, ["proto"])?;
+    let fds_bytes = fds.encode_to_vec();
+    std::fs::write(out.join("descriptors.bin"), &fds_bytes)?;
+
+    let mut config = prost_build::Config::new();
+    config
+        .bytes(["."])
+        .compile_well_known_types()
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .out_dir(&out);
+    config.compile_fds(fds.clone())?;
+
+    pbjson_build::Builder::new()
+        .register_descriptors(&fds_bytes)?
+        .ignore_unknown_fields()
+        .out_dir(&out)
+        .build(&[".process", ".filesystem"])?;
+
+    // gRPC client stubs for the interop tests, in their own directory so they do not
+    // overwrite the message files above.
+    let client_out = out.join("grpc_client");
+    std::fs::create_dir_all(&client_out)?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .bytes(".")
+        .out_dir(&client_out)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! guestd: the guest agent of a sandbox VM.
+//!
+//! The library holds everything; `main.rs` only parses flags and calls into it.
+//! See `docs/ARCHITECTURE.md` for the module map and data flow.
+
+pub mod paths;
+pub mod proto;
+pub mod sys;

@@ -1,0 +1,112 @@
+//! Command-line flags (clap) and the configuration they produce.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// The envd release whose behaviour guestd implements and reports (contract §6.6):
+/// high enough to enable every current SDK feature (≥ 0.6.4), and not higher, so SDK
+/// feature gates for behaviour guestd lacks stay closed.
+pub const ENVD_COMPAT_VERSION: &str = "0.6.13";
+
+/// guestd's own version.
+pub const GUESTD_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// guestd: the guest agent of a sandbox VM (E2B envd-compatible API on --port, the
+/// code-interpreter kernel bridge on --code-port).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "guestd", disable_version_flag = true)]
+pub struct Cli {
+    /// Print the envd-compatible version on the first line and guestd's own version on
+    /// the second, then exit. (`-version`, as the reference agent spells it, prints
+    /// only the envd-compatible version.)
+    #[arg(long = "version", short = 'V')]
+    pub version: bool,
+
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0", env = "GUESTD_LISTEN")]
+    pub listen: IpAddr,
+
+    /// Port of the agent API (Connect RPC + REST).
+    #[arg(long, default_value_t = 49983, env = "GUESTD_PORT")]
+    pub port: u16,
+
+    /// User for calls that name none, until `/init` sets another.
+    #[arg(long, default_value = "user", env = "GUESTD_DEFAULT_USER")]
+    pub default_user: String,
+
+    /// Default working directory (empty paths and commands without cwd), until `/init`.
+    #[arg(long, env = "GUESTD_DEFAULT_WORKDIR")]
+    pub default_workdir: Option<PathBuf>,
+
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "human", env = "GUESTD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    /// Output retained per process for replay on Connect, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub replay_buffer_bytes: usize,
+
+    /// A stream subscriber whose full output queue makes no progress for this many
+    /// milliseconds is disconnected, so it cannot stall the process or other clients.
+    #[arg(long, default_value_t = 10_000)]
+    pub output_stall_timeout_ms: u64,
+
+    /// Largest accepted RPC request message, in bytes.
+    #[arg(long, default_value_t = 32 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Port of the code-interpreter kernel bridge (`/execute`, `/contexts`).
+    #[arg(long, default_value_t = 49999, env = "GUESTD_CODE_PORT")]
+    pub code_port: u16,
+
+    /// Do not serve the kernel bridge (by default it is served when a Python
+    /// kernelspec is found).
+    #[arg(long)]
+    pub no_code_interpreter: bool,
+
+    /// Extra directory to search for kernelspecs (`<dir>/<name>/kernel.json`), searched
+    /// before the standard Jupyter data directories. May be repeated.
+    #[arg(long = "kernelspec-dir")]
+    pub kernelspec_dirs: Vec<PathBuf>,
+}
+
+/// The resolved configuration of one guestd instance.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: IpAddr,
+    pub port: u16,
+    pub default_user: String,
+    pub default_workdir: Option<PathBuf>,
+    pub replay_buffer_bytes: usize,
+    pub output_stall_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub code_port: u16,
+    pub code_interpreter: bool,
+    pub kernelspec_dirs: Vec<PathBuf>,
+}
+
+impl From<&Cli> for Config {
+    fn from(c: &Cli) -> Self {
+        Config {
+            listen: c.listen,
+            port: c.port,
+            default_user: c.default_user.clone(),
+            default_workdir: c.default_workdir.clone(),
+            replay_buffer_bytes: c.replay_buffer_bytes,
+            output_stall_timeout: Duration::from_millis(c.output_stall_timeout_ms),
+            max_message_bytes: c.max_message_bytes,
+            code_port: c.code_port,
+            code_interpreter: !c.no_code_interpreter,
+            kernelspec_dirs: c.kernelspec_dirs.clone(),
+        }
+    }
+}

@@ -10,20 +10,23 @@ use tokio::sync::watch;
 /// A snapshot of the global environment.
 pub type EnvMap = Arc<BTreeMap<String, String>>;
 
+/// The (internal, user) parts of the global environment.
+type Parts = (BTreeMap<String, String>, BTreeMap<String, String>);
+
 /// Shared handle to the global environment. Cloning shares the same value.
 #[derive(Clone)]
 pub struct GlobalEnv {
-    internal: Arc<BTreeMap<String, String>>,
+    /// (internal, user) parts; the published map is user overlaid by internal.
+    parts: Arc<std::sync::Mutex<Parts>>,
     tx: Arc<watch::Sender<EnvMap>>,
 }
 
 impl GlobalEnv {
     /// A global environment with fixed internal variables and an empty user part.
     pub fn new(internal: BTreeMap<String, String>) -> Self {
-        let internal = Arc::new(internal);
-        let (tx, _rx) = watch::channel(internal.clone());
+        let (tx, _rx) = watch::channel(Arc::new(internal.clone()));
         GlobalEnv {
-            internal,
+            parts: Arc::new(std::sync::Mutex::new((internal, BTreeMap::new()))),
             tx: Arc::new(tx),
         }
     }
@@ -44,8 +47,33 @@ impl GlobalEnv {
     /// Replaces the user part (keys not given are removed); internal keys cannot be
     /// overridden. Watchers are notified only when the result differs.
     pub fn replace_user_vars(&self, vars: BTreeMap<String, String>) {
-        let mut merged = vars;
-        for (k, v) in self.internal.iter() {
+        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        parts.1 = vars;
+        self.publish(&parts);
+    }
+
+    /// Sets (or, with `None`, removes) one internal variable.
+    pub fn set_internal(&self, key: &str, value: Option<String>) {
+        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        match value {
+            Some(v) => parts.0.insert(key.to_string(), v),
+            None => parts.0.remove(key),
+        };
+        self.publish(&parts);
+    }
+
+    /// The user part alone (what `/init` set).
+    pub fn user_vars(&self) -> BTreeMap<String, String> {
+        self.parts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+
+    fn publish(&self, parts: &Parts) {
+        let mut merged = parts.1.clone();
+        for (k, v) in &parts.0 {
             merged.insert(k.clone(), v.clone());
         }
         self.tx.send_if_modified(|cur| {
@@ -64,9 +92,15 @@ impl GlobalEnv {
     }
 }
 
-/// The internal variables (contract §6.4) that `/init` cannot replace.
+/// The internal variables (contract §6.4) that `/init` cannot replace:
+/// `E2B_SANDBOX` is `true` in a sandbox VM and `false` in development mode.
+pub fn internal_vars_for(in_vm: bool) -> BTreeMap<String, String> {
+    BTreeMap::from([("E2B_SANDBOX".to_string(), in_vm.to_string())])
+}
+
+/// The internal variables of a sandbox VM.
 pub fn internal_vars() -> BTreeMap<String, String> {
-    BTreeMap::from([("E2B_SANDBOX".to_string(), "true".to_string())])
+    internal_vars_for(true)
 }
 
 #[cfg(test)]

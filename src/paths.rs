@@ -17,18 +17,21 @@ pub enum PathError {
 }
 
 /// Resolves `input` for a user whose home is `home`, with optional default workdir.
-pub fn resolve(input: &str, home: &Path, default_workdir: Option<&Path>) -> Result<PathBuf, PathError> {
+pub fn resolve(
+    input: &str,
+    home: &Path,
+    default_workdir: Option<&Path>,
+) -> Result<PathBuf, PathError> {
     if input.contains('\0') {
         return Err(PathError::Nul);
     }
     let mut p = input;
     let workdir_owned;
-    if p.is_empty() {
-        if let Some(w) = default_workdir {
+    if p.is_empty()
+        && let Some(w) = default_workdir {
             workdir_owned = w.to_string_lossy().into_owned();
             p = &workdir_owned;
         }
-    }
     let expanded: PathBuf = if p == "~" {
         home.to_path_buf()
     } else if let Some(rest) = p.strip_prefix("~/") {
@@ -82,7 +85,10 @@ mod tests {
 
     #[test]
     fn relative_paths_join_the_home_not_the_workdir() {
-        assert_eq!(r("a.txt", Some("/work")).unwrap(), PathBuf::from("/home/user/a.txt"));
+        assert_eq!(
+            r("a.txt", Some("/work")).unwrap(),
+            PathBuf::from("/home/user/a.txt")
+        );
         assert_eq!(r("./x/../y", None).unwrap(), PathBuf::from("/home/user/y"));
         assert_eq!(r("../../..", None).unwrap(), PathBuf::from("/"));
     }

@@ -38,6 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(false)
         .build_client(true)
+        .build_transport(false)
         .bytes(".")
         .out_dir(&client_out)
         .compile_fds(fds)?;

@@ -77,6 +77,33 @@ pub struct Cli {
     /// before the standard Jupyter data directories. May be repeated.
     #[arg(long = "kernelspec-dir")]
     pub kernelspec_dirs: Vec<PathBuf>,
+
+    /// Do not forward loopback-only listeners to the external interfaces.
+    #[arg(long)]
+    pub no_port_forward: bool,
+
+    /// A file holding the hex SHA-256 of the access token the host expects: the `/init`
+    /// trust anchor when the kernel command line carries no
+    /// `guestd.init_token_sha256=` (see docs/ARCHITECTURE.md).
+    #[arg(long, env = "GUESTD_INIT_TRUST_FILE")]
+    pub init_trust_file: Option<PathBuf>,
+
+    /// Development mode outside a sandbox VM: `E2B_SANDBOX=false` for user processes.
+    #[arg(long = "isnotfc")]
+    pub not_in_vm: bool,
+
+    /// Do not manage cgroups (user processes then share guestd's cgroup).
+    #[arg(long)]
+    pub no_cgroups: bool,
+
+    /// The cgroup under which guestd creates its sibling cgroups for user processes
+    /// (default: the parent of guestd's own cgroup v2).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// Files `/init` writes (CA store, hosts, sandbox identity). For tests only.
+    #[arg(long, hide = true)]
+    pub init_paths_root: Option<PathBuf>,
 }
 
 /// The resolved configuration of one guestd instance.
@@ -92,6 +119,11 @@ pub struct Config {
     pub code_port: u16,
     pub code_interpreter: bool,
     pub kernelspec_dirs: Vec<PathBuf>,
+    pub port_forward: bool,
+    pub init_paths: crate::init::InitPaths,
+    pub in_vm: bool,
+    pub cgroups: bool,
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl From<&Cli> for Config {
@@ -107,6 +139,28 @@ impl From<&Cli> for Config {
             code_port: c.code_port,
             code_interpreter: !c.no_code_interpreter,
             kernelspec_dirs: c.kernelspec_dirs.clone(),
+            port_forward: !c.no_port_forward,
+            init_paths: init_paths(c),
+            in_vm: !c.not_in_vm,
+            cgroups: !c.no_cgroups,
+            cgroup_root: c.cgroup_root.clone(),
         }
     }
+}
+
+fn init_paths(c: &Cli) -> crate::init::InitPaths {
+    let mut p = crate::init::InitPaths::default();
+    if let Some(root) = &c.init_paths_root {
+        let under = |abs: &std::path::Path| root.join(abs.strip_prefix("/").unwrap_or(abs));
+        p = crate::init::InitPaths {
+            ca_bundle: under(&p.ca_bundle),
+            ca_copy: under(&p.ca_copy),
+            hosts: under(&p.hosts),
+            run_dir: under(&p.run_dir),
+            kernel_cmdline: under(&p.kernel_cmdline),
+            trust_file: None,
+        };
+    }
+    p.trust_file = c.init_trust_file.clone();
+    p
 }

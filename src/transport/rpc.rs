@@ -150,7 +150,7 @@ where
 {
     let call = match Call::prepare(req, Kind::Unary) {
         Ok(c) => c,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let (protocol, codec, deadline) = (call.ctx.protocol, call.ctx.codec, call.ctx.deadline);
     let work = async {
@@ -200,7 +200,7 @@ where
 {
     let call = match Call::prepare(req, Kind::ServerStream) {
         Ok(c) => c,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let (protocol, codec, deadline) = (call.ctx.protocol, call.ctx.codec, call.ctx.deadline);
     let work = async {
@@ -239,7 +239,7 @@ where
 {
     let call = match Call::prepare(req, Kind::ClientStream) {
         Ok(c) => c,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let (protocol, codec, deadline) = (call.ctx.protocol, call.ctx.codec, call.ctx.deadline);
     let Call {
@@ -289,7 +289,7 @@ struct Call {
 impl Call {
     /// Recognizes protocol and codec, parses the timeout and compression headers.
     /// `Err` is the complete response to send (415, or a protocol error).
-    fn prepare(req: Request<hyper::body::Incoming>, kind: Kind) -> Result<Call, Response<Body>> {
+    fn prepare(req: Request<hyper::body::Incoming>, kind: Kind) -> Result<Call, Box<Response<Body>>> {
         let (parts, body) = req.into_parts();
         let ct = parts
             .headers
@@ -313,15 +313,15 @@ impl Call {
             }
             ("application/grpc" | "application/grpc+proto", _) => (Protocol::Grpc, Codec::Proto),
             ("application/grpc+json", _) => (Protocol::Grpc, Codec::Json),
-            _ => return Err(unsupported_media_type(ct, kind)),
+            _ => return Err(Box::new(unsupported_media_type(ct, kind))),
         };
         let timeout = match parse_timeout(protocol, &parts.headers) {
             Ok(t) => t,
-            Err(e) => return Err(error_response(protocol, codec, kind, &e)),
+            Err(e) => return Err(Box::new(error_response(protocol, codec, kind, &e))),
         };
         let compression = match parse_compression(protocol, kind, &parts.headers) {
             Ok(c) => c,
-            Err(e) => return Err(error_response(protocol, codec, kind, &e)),
+            Err(e) => return Err(Box::new(error_response(protocol, codec, kind, &e))),
         };
         let ctx = CallContext {
             protocol,

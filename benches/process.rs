@@ -1,0 +1,247 @@
+//! Process benchmarks, each side by side with its floor measured in the same run:
+//!
+//! * `Start(/bin/true)` → `end` round trip over Connect JSON, Connect proto and gRPC,
+//!   against a bare spawn-and-wait of `/bin/true` from this process;
+//! * 1 GiB of a process's stdout streamed to a client (Connect proto), against a plain
+//!   pipe copy of the same command's output into this process;
+//! * guestd's RSS (current and peak) after the runs.
+//!
+//! Run: `cargo bench --bench process` (optionally `-- <iterations>`).
+
+#![allow(clippy::disallowed_methods)] // the floor spawns /bin/true directly, on purpose
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Read as _;
+use std::time::{Duration, Instant};
+
+use common::{Codec, Guestd};
+use guestd::proto::process as pb;
+
+#[allow(clippy::all, dead_code)]
+mod grpc {
+    include!(concat!(env!("OUT_DIR"), "/grpc_client/process.rs"));
+}
+
+struct Stats {
+    median: Duration,
+    p99: Duration,
+}
+
+fn stats(mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    Stats {
+        median: at(0.5),
+        p99: at(0.99),
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn start_req(cmd: &str, args: &[&str]) -> pb::StartRequest {
+    pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: cmd.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            envs: Default::default(),
+            cwd: None,
+        }),
+        pty: None,
+        tag: None,
+        stdin: Some(false),
+    }
+}
+
+/// Runs one Start over Connect and returns when the end event arrived; returns the
+/// number of stdout bytes seen.
+async fn connect_run(c: &common::Client, codec: Codec, req: &pb::StartRequest) -> usize {
+    let mut s = c
+        .server_stream(codec, "/process.Process/Start", req, &[])
+        .await;
+    let mut bytes = 0;
+    loop {
+        match s.next_frame().await {
+            Some(common::Frame::Message(b)) => {
+                let m: pb::StartResponse = codec.decode(&b);
+                match m.event.and_then(|e| e.event) {
+                    Some(pb::process_event::Event::Data(d)) => {
+                        if let Some(pb::process_event::data_event::Output::Stdout(b)) = d.output {
+                            bytes += b.len();
+                        }
+                    }
+                    Some(pb::process_event::Event::End(_)) => {}
+                    _ => {}
+                }
+            }
+            Some(common::Frame::End(v)) => {
+                assert_eq!(v, serde_json::json!({}), "stream failed");
+                return bytes;
+            }
+            None => panic!("stream ended without end-of-stream"),
+        }
+    }
+}
+
+async fn grpc_run(c: &mut grpc::process_client::ProcessClient<tonic::transport::Channel>) {
+    let req = grpc::StartRequest {
+        process: Some(grpc::ProcessConfig {
+            cmd: "/bin/true".into(),
+            args: vec![],
+            envs: Default::default(),
+            cwd: None,
+        }),
+        pty: None,
+        tag: None,
+        stdin: Some(false),
+    };
+    let mut s = c.start(req).await.expect("start").into_inner();
+    while s.message().await.expect("stream").is_some() {}
+}
+
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn main() {
+    let iterations: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(300);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let g = Guestd::start();
+    let client = g.client();
+
+    // Warm up both sides.
+    for _ in 0..20 {
+        std::process::Command::new("/bin/true")
+            .status()
+            .expect("true");
+        rt.block_on(connect_run(
+            &client,
+            Codec::Proto,
+            &start_req("/bin/true", &[]),
+        ));
+    }
+
+    let mut bare = Vec::new();
+    let mut json = Vec::new();
+    let mut proto = Vec::new();
+    let mut grpc_t = Vec::new();
+    let mut gc = rt.block_on(async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", g.port))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("grpc");
+        grpc::process_client::ProcessClient::new(channel)
+    });
+    let req = start_req("/bin/true", &[]);
+    // Interleave the variants so drift on the machine hits all of them alike.
+    for _ in 0..iterations {
+        let t = Instant::now();
+        let st = std::process::Command::new("/bin/true")
+            .status()
+            .expect("true");
+        bare.push(t.elapsed());
+        assert!(st.success());
+
+        let t = Instant::now();
+        rt.block_on(connect_run(&client, Codec::Json, &req));
+        json.push(t.elapsed());
+
+        let t = Instant::now();
+        rt.block_on(connect_run(&client, Codec::Proto, &req));
+        proto.push(t.elapsed());
+
+        let t = Instant::now();
+        rt.block_on(grpc_run(&mut gc));
+        grpc_t.push(t.elapsed());
+    }
+    let bare = stats(bare);
+    println!("## Start(/bin/true) -> end round trip ({iterations} iterations each)\n");
+    println!("| variant | median µs | p99 µs | median ratio to bare spawn |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| bare spawn+wait (floor) | {:.0} | {:.0} | 1.00 |",
+        us(bare.median),
+        us(bare.p99)
+    );
+    for (name, v) in [
+        ("Connect JSON", json),
+        ("Connect proto", proto),
+        ("gRPC", grpc_t),
+    ] {
+        let s = stats(v);
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.2} |",
+            us(s.median),
+            us(s.p99),
+            s.median.as_secs_f64() / bare.median.as_secs_f64()
+        );
+    }
+
+    // 1 GiB through a plain pipe vs through guestd.
+    const GIB: usize = 1 << 30;
+    let cmd = ["-c", "1073741824", "/dev/zero"];
+    let t = Instant::now();
+    let mut child = std::process::Command::new("head")
+        .args(cmd)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("head");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0;
+    loop {
+        let r = out.read(&mut buf).expect("read");
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    child.wait().expect("wait");
+    let pipe_s = t.elapsed().as_secs_f64();
+    assert_eq!(n, GIB);
+
+    let t = Instant::now();
+    let got = rt.block_on(connect_run(&client, Codec::Proto, &start_req("head", &cmd)));
+    let guestd_s = t.elapsed().as_secs_f64();
+    assert_eq!(got, GIB);
+    let mbps = |s: f64| GIB as f64 / s / 1e6;
+    println!("\n## 1 GiB of stdout\n");
+    println!("| path | seconds | MB/s | ratio to pipe |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| plain pipe copy (floor) | {pipe_s:.2} | {:.0} | 1.00 |",
+        mbps(pipe_s)
+    );
+    println!(
+        "| guestd Start stream, Connect proto | {guestd_s:.2} | {:.0} | {:.2} |",
+        mbps(guestd_s),
+        guestd_s / pipe_s
+    );
+
+    let (rss, hwm) = rss_kib(g.pid());
+    println!("\n## guestd memory\n");
+    println!(
+        "RSS after the runs: {} KiB; peak RSS (VmHWM): {} KiB",
+        rss, hwm
+    );
+}

@@ -1,0 +1,278 @@
+//! The agent API on the main port: one file per resource, each turning typed calls
+//! from the transport into domain calls. This file holds the shared state and the
+//! route table, with the two layers every request passes first: CORS (outermost, so
+//! preflights are answered before auth) and the access-token check (before routing,
+//! so unknown paths are 401 too while a token is set).
+
+pub mod control;
+pub mod health;
+pub mod metrics;
+pub mod process;
+pub mod streams;
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+
+use crate::config::Config;
+use crate::env::GlobalEnv;
+use crate::init::{AccessToken, Initializer};
+use crate::server::{ConnCounter, Handler};
+use crate::sys::users::{SystemUsers, User, UserDb, UserError};
+use crate::transport::rpc::Limits;
+use crate::transport::{Body, RpcError, full_body};
+
+/// Settings `/init` may change at run time.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub user: String,
+    pub workdir: Option<PathBuf>,
+}
+
+/// Everything the agent API handlers share.
+pub struct Agent {
+    pub users: Arc<dyn UserDb>,
+    pub processes: Arc<crate::process::ProcessManager>,
+    pub defaults: RwLock<Defaults>,
+    /// Global environment of every process and kernel (internal variables + `/init`).
+    pub env: GlobalEnv,
+    pub token: Arc<AccessToken>,
+    pub init: Initializer,
+    pub metrics: Arc<crate::metrics::Ring>,
+    pub connections: Arc<ConnCounter>,
+    pub limits: Limits,
+}
+
+impl Agent {
+    pub fn new(
+        config: &Config,
+        env: &GlobalEnv,
+        metrics: Arc<crate::metrics::Ring>,
+        connections: Arc<ConnCounter>,
+    ) -> Arc<Agent> {
+        let processes = crate::process::ProcessManager::new(crate::process::ManagerConfig {
+            replay_buffer_bytes: config.replay_buffer_bytes,
+            subscriber_queue_chunks: 64,
+            stall_timeout: config.output_stall_timeout,
+            exit_retention: std::time::Duration::from_secs(30),
+            agent_path_env: std::env::var("PATH").unwrap_or_else(|_| {
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+            }),
+        });
+        let token = Arc::new(AccessToken::default());
+        let init = Initializer::new(
+            token.clone(),
+            env.clone(),
+            config.init_paths.clone(),
+            Box::new(crate::init::SystemClock),
+        );
+        Arc::new(Agent {
+            users: Arc::new(SystemUsers),
+            processes,
+            defaults: RwLock::new(Defaults {
+                user: config.default_user.clone(),
+                workdir: config.default_workdir.clone(),
+            }),
+            env: env.clone(),
+            token,
+            init,
+            metrics,
+            connections,
+            limits: Limits {
+                max_message_bytes: config.max_message_bytes,
+            },
+        })
+    }
+
+    pub fn defaults(&self) -> Defaults {
+        self.defaults
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn global_env(&self) -> Vec<(String, String)> {
+        self.env.pairs()
+    }
+
+    /// Live filesystem watchers (for metrics).
+    pub fn watcher_count(&self) -> usize {
+        0
+    }
+
+    /// The user a call acts as: the `Authorization: Basic` name, else the default user.
+    pub fn caller(&self, headers: &http::HeaderMap) -> Result<User, RpcError> {
+        let name =
+            crate::transport::auth::basic_username(headers).unwrap_or_else(|| self.defaults().user);
+        self.users.user_by_name(&name).map_err(user_error)
+    }
+}
+
+/// Unknown users are `unauthenticated` (contract §2.2).
+pub fn user_error(e: UserError) -> RpcError {
+    RpcError::new(crate::transport::Code::Unauthenticated, e.to_string())
+}
+
+/// The request handler of the agent port.
+pub fn handler(agent: Arc<Agent>) -> Handler {
+    Arc::new(move |req: Request<Incoming>| {
+        let agent = agent.clone();
+        Box::pin(async move {
+            let origin_request = req.method() == Method::OPTIONS;
+            let mut resp = if origin_request {
+                preflight(&req)
+            } else {
+                authorized_route(agent, req).await
+            };
+            add_cors_headers(&mut resp);
+            resp
+        })
+    })
+}
+
+/// Routes that do not need `X-Access-Token` (contract §2.1): `/health`, and `/files`
+/// and `/init`, which check credentials themselves.
+fn token_exempt(method: &Method, path: &str) -> bool {
+    matches!(
+        (method, path),
+        (&Method::GET, "/health")
+            | (&Method::HEAD, "/health")
+            | (&Method::GET, "/files")
+            | (&Method::POST, "/files")
+            | (&Method::POST, "/init")
+    )
+}
+
+async fn authorized_route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
+    if !token_exempt(req.method(), req.uri().path()) {
+        let presented = req.headers().get("x-access-token").map(|v| v.as_bytes());
+        if !agent.token.admits(presented) {
+            return unauthorized_token();
+        }
+    }
+    route(agent, req).await
+}
+
+/// The contract's exact 401 for a missing or wrong access token.
+pub fn unauthorized_token() -> Response<Body> {
+    let body = br#"{"code":401,"message":"unauthorized access, please provide a valid access token or method signing if supported"}"#;
+    let mut resp = Response::new(full_body(&body[..]));
+    *resp.status_mut() = StatusCode::UNAUTHORIZED;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    resp
+}
+
+async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    if let Some(rpc) = path.strip_prefix("/process.Process/") {
+        if method != Method::POST {
+            return method_not_allowed("POST");
+        }
+        return match process::route(&agent, rpc, req).await {
+            Some(resp) => resp,
+            None => not_found(&path),
+        };
+    }
+    match (path.as_str(), &method) {
+        ("/health", &Method::GET | &Method::HEAD) => health::health(),
+        ("/health", _) => method_not_allowed("GET"),
+        ("/metrics", &Method::GET) => metrics::metrics(&agent, &req),
+        ("/metrics", _) => method_not_allowed("GET"),
+        ("/envs", &Method::GET) => control::envs(&agent),
+        ("/envs", _) => method_not_allowed("GET"),
+        ("/init", &Method::POST) => control::init(&agent, req).await,
+        ("/init", _) => method_not_allowed("POST"),
+        _ => not_found(&path),
+    }
+}
+
+/// Answers a CORS preflight (contract §1.9): any origin, the usual methods, the
+/// requested headers reflected.
+fn preflight(req: &Request<Incoming>) -> Response<Body> {
+    let mut resp = Response::new(crate::transport::empty_body());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("HEAD, GET, POST, PUT, PATCH, DELETE"),
+    );
+    if let Some(requested) = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested.clone());
+    }
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("7200"),
+    );
+    resp
+}
+
+fn add_cors_headers(resp: &mut Response<Body>) {
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static(
+            "Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin, Location, Cache-Control, X-Content-Type-Options",
+        ),
+    );
+}
+
+/// Decoded query parameters (form rules: `+` is a space).
+pub fn query_pairs(uri: &http::Uri) -> impl Iterator<Item = (String, String)> + '_ {
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+}
+
+/// A JSON response.
+pub fn json_response<T: serde::Serialize + ?Sized>(
+    status: StatusCode,
+    value: &T,
+) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+    let mut resp = Response::new(full_body(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// 404 in plain text (contract §1.2).
+pub fn not_found(path: &str) -> Response<Body> {
+    plain(
+        StatusCode::NOT_FOUND,
+        format!("404 page not found: no route for {path}\n"),
+    )
+}
+
+/// 405 with the allowed method.
+pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut resp = plain(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed: use {allow}\n"),
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+/// A plain-text response.
+pub fn plain(status: StatusCode, text: String) -> Response<Body> {
+    let mut resp = Response::new(full_body(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,82 @@
+//! Assembles one guestd instance: state, listeners, background tasks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::server::{self, ConnCounter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs guestd until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), StartupError> {
+    protect_self();
+    let shutdown = CancellationToken::new();
+    let env = crate::env::GlobalEnv::new(crate::env::internal_vars_for(config.in_vm));
+    let metrics = crate::metrics::start();
+    let connections = Arc::new(ConnCounter::default());
+    let agent = crate::api::Agent::new(&config, &env, metrics, connections.clone());
+
+    let addr = SocketAddr::new(config.listen, config.port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { addr, source })?;
+    tracing::info!(
+        %addr,
+        version = crate::config::GUESTD_VERSION,
+        envd_version = crate::config::ENVD_COMPAT_VERSION,
+        "agent API listening"
+    );
+    tokio::spawn(server::serve(
+        listener,
+        crate::api::handler(agent),
+        connections,
+        shutdown.clone(),
+    ));
+
+    if config.port_forward {
+        let stats = Arc::new(crate::portfwd::Stats::default());
+        tokio::spawn(crate::portfwd::run(
+            vec![config.port, config.code_port],
+            stats,
+            shutdown.clone(),
+        ));
+    }
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    Ok(())
+}
+
+/// The agent must outlive whatever user code does: it reaps orphans as a subreaper and
+/// asks the OOM killer to pick anything but itself.
+fn protect_self() {
+    if let Err(e) = crate::sys::reaper::become_subreaper() {
+        tracing::warn!(error = %e, "cannot become a child subreaper; orphans go to PID 1");
+    }
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+        tracing::warn!(error = %e, "cannot lower guestd's OOM score");
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    tokio::select! {
+        _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+        _ = async { match int.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+    }
+}

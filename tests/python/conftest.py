@@ -1,0 +1,71 @@
+"""Shared fixtures: a guestd on the SDK's debug ports and a debug-mode Sandbox.
+
+With E2B_DEBUG=true the SDKs talk to localhost:49983 (agent) and localhost:49999
+(code interpreter) with no control plane. If something already serves 49983 (a guestd
+started by hand), the suite uses it; otherwise it starts the binary named by
+$GUESTD_BIN (default: target/release/guestd) and stops it at the end.
+"""
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ["E2B_DEBUG"] = "true"
+
+REPO = Path(__file__).resolve().parents[2]
+AGENT_PORT = 49983
+CODE_PORT = 49999
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_port(port: int, timeout: float, proc=None, log=None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if port_open(port):
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    text = log.read_text() if log and log.exists() else ""
+    raise RuntimeError(f"guestd did not open port {port}; log:\n{text}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def guestd(tmp_path_factory):
+    if port_open(AGENT_PORT):
+        yield None
+        return
+    binary = os.environ.get("GUESTD_BIN") or str(REPO / "target" / "release" / "guestd")
+    log = tmp_path_factory.mktemp("guestd") / "guestd.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [binary, "--default-user", "user"],
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
+    try:
+        wait_port(AGENT_PORT, 20, proc, log)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def sandbox():
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    yield sbx

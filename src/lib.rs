@@ -7,6 +7,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod env;
+pub mod filesystem;
 pub mod init;
 pub mod metrics;
 pub mod paths;

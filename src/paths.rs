@@ -28,10 +28,11 @@ pub fn resolve(
     let mut p = input;
     let workdir_owned;
     if p.is_empty()
-        && let Some(w) = default_workdir {
-            workdir_owned = w.to_string_lossy().into_owned();
-            p = &workdir_owned;
-        }
+        && let Some(w) = default_workdir
+    {
+        workdir_owned = w.to_string_lossy().into_owned();
+        p = &workdir_owned;
+    }
     let expanded: PathBuf = if p == "~" {
         home.to_path_buf()
     } else if let Some(rest) = p.strip_prefix("~/") {

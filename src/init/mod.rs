@@ -193,9 +193,10 @@ impl Initializer {
     fn authorized(&self, req: &InitRequest) -> bool {
         let body = req.access_token.as_deref().unwrap_or("");
         if let Some(current) = self.token.get()
-            && ct_eq(body.as_bytes(), current.as_bytes()) {
-                return true;
-            }
+            && ct_eq(body.as_bytes(), current.as_bytes())
+        {
+            return true;
+        }
         match self.trust_anchor() {
             Some(anchor) => {
                 let digest: [u8; 32] = sha2::Sha256::digest(body.as_bytes()).into();
@@ -220,16 +221,17 @@ impl Initializer {
             None => None,
         };
         if let (Some(ts), Some(last)) = (timestamp, state.last_timestamp)
-            && ts <= last {
-                tracing::info!(%ts, %last, "stale /init retry: data skipped");
-                let mut applied = self
-                    .applied
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                applied.fresh = false;
-                return Ok(applied);
-            }
+            && ts <= last
+        {
+            tracing::info!(%ts, %last, "stale /init retry: data skipped");
+            let mut applied = self
+                .applied
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            applied.fresh = false;
+            return Ok(applied);
+        }
         if let Some(ts) = timestamp {
             self.sync_clock(ts);
             state.last_timestamp = Some(ts);
@@ -269,10 +271,11 @@ impl Initializer {
             applied.default_workdir = Some(PathBuf::from(w));
         }
         if let Some(pem) = req.ca_bundle.as_deref().filter(|s| !s.trim().is_empty())
-            && state.last_ca.as_deref() != Some(pem) {
-                self.install_ca(pem, state.last_ca.as_deref())?;
-                state.last_ca = Some(pem.to_string());
-            }
+            && state.last_ca.as_deref() != Some(pem)
+        {
+            self.install_ca(pem, state.last_ca.as_deref())?;
+            state.last_ca = Some(pem.to_string());
+        }
         if let Some(mounts) = &req.volume_mounts {
             let lifecycle = req.lifecycle_id.clone().unwrap_or_default();
             for m in mounts {

@@ -146,9 +146,10 @@ impl Source for SystemSource {
             let mut f = max.split_whitespace();
             if let (Some(q), Some(p)) = (f.next(), f.next())
                 && let (Some(q), Ok(p)) = (parse_limit(q), p.parse::<u64>())
-                    && p > 0 {
-                        return online.min(q.div_ceil(p).max(1) as u32);
-                    }
+                && p > 0
+            {
+                return online.min(q.div_ceil(p).max(1) as u32);
+            }
         }
         online
     }
@@ -164,25 +165,26 @@ impl Source for SystemSource {
             .cgroup_file("memory.max")
             .as_deref()
             .and_then(parse_limit)
-            && limit < m.total {
-                let current = self
-                    .cgroup_file("memory.current")
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .unwrap_or(0);
-                let file = self
-                    .cgroup_file("memory.stat")
-                    .and_then(|s| {
-                        s.lines()
-                            .find_map(|l| l.strip_prefix("file "))
-                            .and_then(|v| v.trim().parse::<u64>().ok())
-                    })
-                    .unwrap_or(0);
-                m = MemInfo {
-                    total: limit,
-                    used: current.saturating_sub(file),
-                    cache: file,
-                };
-            }
+            && limit < m.total
+        {
+            let current = self
+                .cgroup_file("memory.current")
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let file = self
+                .cgroup_file("memory.stat")
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("file "))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+            m = MemInfo {
+                total: limit,
+                used: current.saturating_sub(file),
+                cache: file,
+            };
+        }
         m
     }
 

@@ -289,7 +289,10 @@ struct Call {
 impl Call {
     /// Recognizes protocol and codec, parses the timeout and compression headers.
     /// `Err` is the complete response to send (415, or a protocol error).
-    fn prepare(req: Request<hyper::body::Incoming>, kind: Kind) -> Result<Call, Box<Response<Body>>> {
+    fn prepare(
+        req: Request<hyper::body::Incoming>,
+        kind: Kind,
+    ) -> Result<Call, Box<Response<Body>>> {
         let (parts, body) = req.into_parts();
         let ct = parts
             .headers

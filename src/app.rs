@@ -26,7 +26,21 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let env = crate::env::GlobalEnv::new(crate::env::internal_vars_for(config.in_vm));
     let metrics = crate::metrics::start();
     let connections = Arc::new(ConnCounter::default());
-    let agent = crate::api::Agent::new(&config, &env, metrics, connections.clone());
+    let cgroups = if config.cgroups {
+        match crate::sys::cgroup::Cgroups::setup(
+            config.cgroup_root.as_deref(),
+            config.cgroup_limits,
+        ) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::warn!(error = %e, "user processes share guestd's cgroup");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let agent = crate::api::Agent::new(&config, &env, metrics, connections.clone(), cgroups);
 
     let addr = SocketAddr::new(config.listen, config.port);
     let listener = TcpListener::bind(addr)

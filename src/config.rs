@@ -101,6 +101,15 @@ pub struct Cli {
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
 
+    /// Process limit of the user cgroup (all user processes together).
+    #[arg(long, default_value_t = 16_384)]
+    pub user_pids_max: u64,
+
+    /// Memory limit of the user cgroup in bytes (default: total memory minus
+    /// min(total/8, 128 MiB), leaving the agent room).
+    #[arg(long)]
+    pub user_memory_max: Option<u64>,
+
     /// Files `/init` writes (CA store, hosts, sandbox identity). For tests only.
     #[arg(long, hide = true)]
     pub init_paths_root: Option<PathBuf>,
@@ -124,6 +133,7 @@ pub struct Config {
     pub in_vm: bool,
     pub cgroups: bool,
     pub cgroup_root: Option<PathBuf>,
+    pub cgroup_limits: crate::sys::cgroup::Limits,
 }
 
 impl From<&Cli> for Config {
@@ -144,6 +154,13 @@ impl From<&Cli> for Config {
             in_vm: !c.not_in_vm,
             cgroups: !c.no_cgroups,
             cgroup_root: c.cgroup_root.clone(),
+            cgroup_limits: {
+                let d = crate::sys::cgroup::Limits::defaults();
+                crate::sys::cgroup::Limits {
+                    pids_max: Some(c.user_pids_max),
+                    memory_max: c.user_memory_max.or(d.memory_max),
+                }
+            },
         }
     }
 }

@@ -51,6 +51,7 @@ impl Agent {
         env: &GlobalEnv,
         metrics: Arc<crate::metrics::Ring>,
         connections: Arc<ConnCounter>,
+        cgroups: Option<Arc<crate::sys::cgroup::Cgroups>>,
     ) -> Arc<Agent> {
         let processes = crate::process::ProcessManager::new(crate::process::ManagerConfig {
             replay_buffer_bytes: config.replay_buffer_bytes,
@@ -60,6 +61,7 @@ impl Agent {
             agent_path_env: std::env::var("PATH").unwrap_or_else(|_| {
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
             }),
+            cgroups,
         });
         let token = Arc::new(AccessToken::default());
         let init = Initializer::new(

@@ -104,6 +104,7 @@ fn end_event(x: ExitInfo) -> pb::ProcessEvent {
         exited: x.exited,
         status: x.status,
         error: x.error,
+        oom_killed: x.oom_killed,
     }))
 }
 

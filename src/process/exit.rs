@@ -15,6 +15,7 @@ impl ExitInfo {
                 exited: true,
                 error: (code != 0).then(|| text.clone()),
                 status: text,
+                oom_killed: false,
             };
         }
         match status.signal() {
@@ -30,6 +31,7 @@ impl ExitInfo {
                     exited: false,
                     status,
                     error: Some(text),
+                    oom_killed: false,
                 }
             }
             // Stopped/continued statuses are never delivered for an exit wait; report
@@ -41,9 +43,22 @@ impl ExitInfo {
                     exited: false,
                     status: text.clone(),
                     error: Some(text),
+                    oom_killed: false,
                 }
             }
         }
+    }
+}
+
+impl ExitInfo {
+    /// Marks the End of a command whose tree lost a process to the OOM killer.
+    pub fn with_oom_kill(mut self) -> Self {
+        self.oom_killed = true;
+        let base = self.error.take().unwrap_or_else(|| self.status.clone());
+        self.error = Some(format!(
+            "{base} (out of memory: the OOM killer ended a process of this command)"
+        ));
+        self
     }
 }
 
@@ -102,7 +117,8 @@ mod tests {
                 exit_code: 0,
                 exited: true,
                 status: "exit status 0".into(),
-                error: None
+                error: None,
+                oom_killed: false,
             }
         );
         assert_eq!(
@@ -111,7 +127,8 @@ mod tests {
                 exit_code: 3,
                 exited: true,
                 status: "exit status 3".into(),
-                error: Some("exit status 3".into())
+                error: Some("exit status 3".into()),
+                oom_killed: false,
             }
         );
     }
@@ -124,7 +141,8 @@ mod tests {
                 exit_code: -1,
                 exited: false,
                 status: "signal: killed".into(),
-                error: Some("signal: killed".into())
+                error: Some("signal: killed".into()),
+                oom_killed: false,
             }
         );
         let segv = raw(libc::SIGSEGV | 0x80);

@@ -27,6 +27,7 @@ use super::{
     CommandConfig, ExitInfo, Input, ManagerConfig, OutputKind, ProcessSummary, PtySize, Selector,
     Signal, StartSpec, Subscription, plan,
 };
+use crate::sys::cgroup::Leaf;
 
 /// After a kill (SendSignal or lifetime timeout) and the exit, how long output that
 /// stray descendants keep open is still read before the End is produced.
@@ -117,6 +118,8 @@ struct Proc {
     done: watch::Sender<bool>,
     /// Why guestd killed the process, for the end log.
     kill_reason: Mutex<Option<&'static str>>,
+    /// The command's own cgroup, when guestd manages cgroups.
+    leaf: Option<Leaf>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -152,6 +155,10 @@ impl Proc {
         if self.pty {
             // Interactive shells put jobs in their own groups within the session.
             kill_session(pgid, sig);
+        }
+        if let Some(leaf) = &self.leaf {
+            // Descendants that left the group or session are still in the leaf.
+            leaf.signal_all(sig);
         }
         match group {
             Ok(()) => Ok(()),
@@ -394,12 +401,35 @@ async fn start_inner(shared: Arc<Shared>, spec: StartSpec) -> Result<Subscriptio
     // The Start stream's subscription exists before the child can write.
     let mut sub = hub.subscribe(0, None);
     let stdin = spec.stdin && spec.pty.is_none();
+    let leaf = match &cfg.cgroups {
+        Some(cg) => match cg.create_leaf() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "command runs without its own cgroup");
+                None
+            }
+        },
+        None => None,
+    };
+    let procs = leaf
+        .as_ref()
+        .map(|l| l.procs_files().to_vec())
+        .unwrap_or_default();
+    let spawned = spawn::spawn(&plan, spec.pty, stdin, &procs).await;
     let Spawned {
         pid,
         waiter,
         pidfd,
         io,
-    } = spawn::spawn(&plan, spec.pty, stdin).await?;
+    } = match spawned {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(l) = &leaf {
+                l.remove();
+            }
+            return Err(e);
+        }
+    };
     hub.set_pid(pid);
     sub.set_pid(pid);
 
@@ -441,6 +471,7 @@ async fn start_inner(shared: Arc<Shared>, spec: StartSpec) -> Result<Subscriptio
         abandon: watch::Sender::new(false),
         done: watch::Sender::new(false),
         kill_reason: Mutex::new(None),
+        leaf,
     });
     {
         let mut reg = lock(&shared.registry);
@@ -536,7 +567,13 @@ async fn supervise(
         readers.as_mut().await;
     }
 
-    let info = ExitInfo::from_status(status);
+    let mut info = ExitInfo::from_status(status);
+    if let Some(leaf) = &proc.leaf {
+        if leaf.oom_kills() > 0 {
+            info = info.with_oom_kill();
+        }
+        release_leaf(proc.clone());
+    }
     proc.close_io();
     let retention = if let Some(shared) = shared.upgrade() {
         lock(&shared.registry).mark_ended(&proc);
@@ -556,6 +593,7 @@ async fn supervise(
         pty_bytes = counts.pty,
         duration_ms = started.elapsed().as_millis() as u64,
         killed_by = *lock(&proc.kill_reason),
+        oom_killed = info.oom_killed,
         output_abandoned = abandoned,
         "process ended"
     );
@@ -571,6 +609,25 @@ async fn supervise(
             reg.prune(retention);
         }
     }
+}
+
+/// Removes the command's cgroup leaf once it is empty. Members left behind (daemons
+/// that outlived the command) keep it alive; they are checked every few seconds and the
+/// leaf goes when they do.
+fn release_leaf(proc: Arc<Proc>) {
+    if proc.leaf.as_ref().is_some_and(|l| l.remove()) {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            tokio::time::sleep(delay).await;
+            if proc.leaf.as_ref().is_none_or(|l| l.remove()) {
+                return;
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    });
 }
 
 /// Reads one stream until EOF (EIO on a PTY master is the normal end), publishing each

@@ -28,6 +28,7 @@ mod tests;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,6 +52,8 @@ pub struct ManagerConfig {
     pub exit_retention: Duration,
     /// `PATH` copied into every child environment (guestd's own `PATH`).
     pub agent_path_env: String,
+    /// Where each command gets its own cgroup leaf (`None`: no cgroups).
+    pub cgroups: Option<Arc<crate::sys::cgroup::Cgroups>>,
 }
 
 impl Default for ManagerConfig {
@@ -61,6 +64,7 @@ impl Default for ManagerConfig {
             stall_timeout: Duration::from_secs(10),
             exit_retention: Duration::from_secs(30),
             agent_path_env: std::env::var("PATH").unwrap_or_default(),
+            cgroups: None,
         }
     }
 }
@@ -167,8 +171,11 @@ pub struct ExitInfo {
     /// `"exit status N"` or `"signal: <name>"` (plus `" (core dumped)"`).
     pub status: String,
     /// `None` for exit code 0; otherwise the same text as `status` (without the core
-    /// dump note for signals).
+    /// dump note for signals), plus an out-of-memory note when `oom_killed`.
     pub error: Option<String>,
+    /// The OOM killer ended a process of this command (the command itself or one of
+    /// its descendants); known when the command ran in its own cgroup.
+    pub oom_killed: bool,
 }
 
 /// One live process, as [`ProcessManager::list`] reports it.

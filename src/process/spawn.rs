@@ -16,7 +16,7 @@
 //! and errno) and fail the spawn. An exec failure does not: like a shell, the child
 //! prints `<cmd>: command not found` (or the error) to its stderr and exits 127/126.
 
-use std::ffi::{CStr, c_char};
+use std::ffi::{CStr, CString, c_char};
 use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -60,6 +60,7 @@ pub(crate) async fn spawn(
     plan: &SpawnPlan,
     pty: Option<PtySize>,
     stdin: bool,
+    cgroup_procs: &[CString],
 ) -> Result<Spawned, ProcessError> {
     let (err_r, err_w) = pipe().map_err(|e| setup_error("error pipe", e))?;
     let err_r = async_fd(err_r).map_err(|e| setup_error("error pipe", e))?;
@@ -103,7 +104,7 @@ pub(crate) async fn spawn(
 
     let (pidfd, waiter) = {
         // ChildCtx holds raw pointers (not Send): keep it out of the async state.
-        let mut ctx = ChildCtx::new(plan, &child_fds, err_w.as_raw_fd());
+        let mut ctx = ChildCtx::new(plan, &child_fds, err_w.as_raw_fd(), cgroup_procs);
         reaper::global()
             .spawn_with(|| fork_child(&mut ctx))
             .map_err(|e| setup_error("fork", e))?
@@ -310,13 +311,20 @@ struct ChildCtx<'a> {
     err_fd: RawFd,
     prefix: *const u8,
     prefix_len: usize,
+    /// `cgroup.procs` files to join (written `0`) before anything else.
+    cgroup_procs: Vec<*const c_char>,
     _plan: PhantomData<&'a SpawnPlan>,
 }
 
 const SH: &CStr = c"/bin/sh";
 
 impl<'a> ChildCtx<'a> {
-    fn new(plan: &'a SpawnPlan, fds: &'a ChildFds, err_fd: RawFd) -> Self {
+    fn new(
+        plan: &'a SpawnPlan,
+        fds: &'a ChildFds,
+        err_fd: RawFd,
+        cgroup_procs: &'a [CString],
+    ) -> Self {
         let null = std::ptr::null::<c_char>();
         let mut argv: Vec<_> = plan.argv.iter().map(|a| a.as_ptr()).collect();
         argv.push(null);
@@ -346,6 +354,7 @@ impl<'a> ChildCtx<'a> {
             err_fd,
             prefix: plan.message_prefix.as_ptr(),
             prefix_len: plan.message_prefix.len(),
+            cgroup_procs: cgroup_procs.iter().map(|c| c.as_ptr()).collect(),
             _plan: PhantomData,
         }
     }
@@ -481,6 +490,17 @@ unsafe fn child_main(ctx: &mut ChildCtx<'_>) -> ! {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+
+        // Join the command's cgroup leaf (every hierarchy) before the user's code can
+        // fork: nothing it starts can be outside the leaf. Best effort, like the
+        // priorities below: a missing cgroup must never fail the spawn.
+        for &procs in &ctx.cgroup_procs {
+            let fd = libc::open(procs, libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                write_all_raw(fd, b"0".as_ptr(), 1);
+                libc::close(fd);
+            }
+        }
 
         if ctx.pty {
             if libc::setsid() < 0 {

@@ -16,6 +16,7 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 fn cfg() -> ManagerConfig {
     ManagerConfig {
+        cgroups: None,
         replay_buffer_bytes: 1 << 20,
         subscriber_queue_chunks: 64,
         stall_timeout: Duration::from_millis(300),
@@ -211,7 +212,8 @@ async fn exit_codes_and_signals_fill_the_end_event() {
             exit_code: 3,
             exited: true,
             status: "exit status 3".into(),
-            error: Some("exit status 3".into())
+            error: Some("exit status 3".into()),
+            oom_killed: false,
         }
     );
     let (_, out) = run(&m, sh("true")).await;
@@ -224,7 +226,8 @@ async fn exit_codes_and_signals_fill_the_end_event() {
             exit_code: -1,
             exited: false,
             status: "signal: terminated".into(),
-            error: Some("signal: terminated".into())
+            error: Some("signal: terminated".into()),
+            oom_killed: false,
         }
     );
     // Dispositions are reset: guestd (and the test harness) ignore SIGPIPE, the child

@@ -39,7 +39,20 @@ impl Guestd {
         Self::start_with(&["--default-user", "root", "--no-code-interpreter"])
     }
 
+    /// guestd with `extra` flags. Port forwarding is machine-wide (it would forward the
+    /// listeners of other tests), so it is off unless `forward` is used.
     pub fn start_with(extra: &[&str]) -> Guestd {
+        let mut args = vec!["--no-port-forward"];
+        args.extend_from_slice(extra);
+        Self::launch(&args)
+    }
+
+    /// guestd with port forwarding on (the default of the binary).
+    pub fn start_forwarding(extra: &[&str]) -> Guestd {
+        Self::launch(extra)
+    }
+
+    fn launch(extra: &[&str]) -> Guestd {
         let port = free_port();
         let code_port = free_port();
         let logdir = tempfile::tempdir().expect("tempdir");

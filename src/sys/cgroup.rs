@@ -1,0 +1,404 @@
+//! cgroups for user processes: a `user` group with a pids and a memory limit, next to
+//! guestd's own cgroup, and one leaf per command inside it.
+//!
+//! The leaf gives each command three things a process group cannot: membership that
+//! `setsid`/`setpgid` cannot escape (kill = `cgroup.kill`, or every member), an exact
+//! OOM attribution (the leaf's `oom_kill` counter), and a place under the group limits,
+//! so a fork bomb or a memory hog runs out of *its* pids and memory, never guestd's.
+//!
+//! Hierarchies used: cgroup v2 when mounted and writable (always for membership and
+//! `cgroup.kill`; for limits when it has the `pids`/`memory` controllers), and on hybrid
+//! hosts the cgroup v1 `pids` and `memory` hierarchies for the controllers v2 lacks.
+//! Anything unavailable is skipped with a log line, never fatal.
+//!
+//! Paths given to guestd (`--cgroup-root`) are cgroup paths (as in `/proc/self/cgroup`),
+//! resolved in every hierarchy.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    V2,
+    V1Pids,
+    V1Memory,
+}
+
+#[derive(Debug, Clone)]
+struct Hier {
+    kind: Kind,
+    /// The `user` group's directory in this hierarchy.
+    group: PathBuf,
+    /// v2 only: the group has the memory controller for its leaves (memory.events).
+    v2_memory: bool,
+}
+
+/// Limits of the `user` group.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    pub pids_max: Option<u64>,
+    pub memory_max: Option<u64>,
+}
+
+impl Limits {
+    /// The reference's memory rule (leave the agent min(MemTotal/8, 128 MiB)) and a pids
+    /// cap that leaves guestd room to fork and spawn threads.
+    pub fn defaults() -> Limits {
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kb| kb * 1024);
+        Limits {
+            pids_max: Some(16_384),
+            memory_max: total.map(|t| t - (t / 8).min(128 << 20)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no usable cgroup hierarchy (cgroup2 not mounted or not writable, no v1 pids/memory)")]
+    Unavailable,
+    #[error("cannot create cgroup {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The `user` group in every usable hierarchy.
+#[derive(Debug)]
+pub struct Cgroups {
+    hiers: Vec<Hier>,
+    next: AtomicU64,
+}
+
+/// One command's cgroup (a directory per hierarchy).
+#[derive(Debug)]
+pub struct Leaf {
+    dirs: Vec<(Kind, PathBuf, bool)>,
+    procs: Vec<CString>,
+}
+
+struct Mounts {
+    v2: Option<PathBuf>,
+    v1_pids: Option<PathBuf>,
+    v1_memory: Option<PathBuf>,
+}
+
+fn mounts() -> Mounts {
+    let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut m = Mounts {
+        v2: None,
+        v1_pids: None,
+        v1_memory: None,
+    };
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 4 {
+            continue;
+        }
+        let (path, fstype, opts) = (PathBuf::from(f[1]), f[2], f[3]);
+        match fstype {
+            "cgroup2" if m.v2.is_none() => m.v2 = Some(path),
+            "cgroup" => {
+                let opts: Vec<&str> = opts.split(',').collect();
+                if opts.contains(&"pids") {
+                    m.v1_pids = Some(path.clone());
+                }
+                if opts.contains(&"memory") {
+                    m.v1_memory = Some(path);
+                }
+            }
+            _ => {}
+        }
+    }
+    m
+}
+
+/// This process's cgroup path in the v2 hierarchy (`0::`) or a v1 controller's.
+fn own_path(controller: Option<&str>) -> PathBuf {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_id, ctrls, path) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), Some(c)) => (a, b, c),
+            _ => continue,
+        };
+        let hit = match controller {
+            None => ctrls.is_empty(),
+            Some(c) => ctrls.split(',').any(|x| x == c),
+        };
+        if hit {
+            return PathBuf::from(path);
+        }
+    }
+    PathBuf::from("/")
+}
+
+fn under(mount: &Path, cgroup_path: &Path) -> PathBuf {
+    mount.join(cgroup_path.strip_prefix("/").unwrap_or(cgroup_path))
+}
+
+fn write(path: &Path, value: &str) -> io::Result<()> {
+    std::fs::write(path, value)
+}
+
+fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(source) => Err(CgroupError::Create {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+impl Cgroups {
+    /// Creates the `user` group under `root` (a cgroup path; default: next to guestd's
+    /// own cgroup in v2, inside it in v1) in every usable hierarchy and applies `limits`.
+    pub fn setup(root: Option<&Path>, limits: Limits) -> Result<Cgroups, CgroupError> {
+        let m = mounts();
+        let name = if root.is_some() {
+            "user"
+        } else {
+            "guestd-user"
+        };
+        let mut hiers = Vec::new();
+        let mut v2_has = (false, false);
+
+        if let Some(mount) = &m.v2 {
+            let base = match root {
+                Some(r) => r.to_path_buf(),
+                None => {
+                    let own = own_path(None);
+                    own.parent().map(Path::to_path_buf).unwrap_or(own)
+                }
+            };
+            let base_dir = under(mount, &base);
+            let group = base_dir.join(name);
+            match mkdir(&group) {
+                Ok(()) => {
+                    let available = std::fs::read_to_string(base_dir.join("cgroup.controllers"))
+                        .unwrap_or_default();
+                    let has = |c: &str| available.split_whitespace().any(|x| x == c);
+                    let mut enable = Vec::new();
+                    if has("pids") {
+                        enable.push("+pids");
+                    }
+                    if has("memory") {
+                        enable.push("+memory");
+                    }
+                    for e in &enable {
+                        if let Err(err) = write(&base_dir.join("cgroup.subtree_control"), e) {
+                            tracing::warn!(controller = e, error = %err, "cannot enable a cgroup v2 controller");
+                        }
+                    }
+                    let group_has = std::fs::read_to_string(group.join("cgroup.controllers"))
+                        .unwrap_or_default();
+                    v2_has = (
+                        group_has.split_whitespace().any(|x| x == "pids"),
+                        group_has.split_whitespace().any(|x| x == "memory"),
+                    );
+                    // Leaves need the memory controller for their own memory.events.
+                    let v2_memory =
+                        v2_has.1 && write(&group.join("cgroup.subtree_control"), "+memory").is_ok();
+                    if v2_has.0 {
+                        apply(&group.join("pids.max"), limits.pids_max);
+                    }
+                    if v2_has.1 {
+                        apply(&group.join("memory.max"), limits.memory_max);
+                        apply(&group.join("memory.high"), limits.memory_max);
+                    }
+                    hiers.push(Hier {
+                        kind: Kind::V2,
+                        group,
+                        v2_memory,
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "cgroup v2 is not writable"),
+            }
+        }
+        if !v2_has.0
+            && let Some(mount) = &m.v1_pids
+        {
+            let base = root
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| own_path(Some("pids")));
+            let group = under(mount, &base).join(name);
+            match mkdir(&group) {
+                Ok(()) => {
+                    apply(&group.join("pids.max"), limits.pids_max);
+                    hiers.push(Hier {
+                        kind: Kind::V1Pids,
+                        group,
+                        v2_memory: false,
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "cgroup v1 pids is not writable"),
+            }
+        }
+        if !v2_has.1
+            && let Some(mount) = &m.v1_memory
+        {
+            let base = root
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| own_path(Some("memory")));
+            let group = under(mount, &base).join(name);
+            match mkdir(&group) {
+                Ok(()) => {
+                    apply(&group.join("memory.limit_in_bytes"), limits.memory_max);
+                    hiers.push(Hier {
+                        kind: Kind::V1Memory,
+                        group,
+                        v2_memory: false,
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "cgroup v1 memory is not writable"),
+            }
+        }
+        if hiers.is_empty() {
+            return Err(CgroupError::Unavailable);
+        }
+        tracing::info!(
+            groups = ?hiers.iter().map(|h| h.group.display().to_string()).collect::<Vec<_>>(),
+            pids_max = limits.pids_max,
+            memory_max = limits.memory_max,
+            "user processes run in their own cgroup"
+        );
+        Ok(Cgroups {
+            hiers,
+            next: AtomicU64::new(1),
+        })
+    }
+
+    /// The `user` group directories (for tests and logs).
+    pub fn group_dirs(&self) -> Vec<PathBuf> {
+        self.hiers.iter().map(|h| h.group.clone()).collect()
+    }
+
+    /// Creates a fresh leaf for one command.
+    pub fn create_leaf(&self) -> Result<Leaf, CgroupError> {
+        // guestd's pid in the name: leaves of another instance (tests run several) or
+        // of a previous run (with stray members) are never reused.
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let name = format!("cmd-{}-{n}", std::process::id());
+        let mut dirs = Vec::new();
+        let mut procs = Vec::new();
+        for h in &self.hiers {
+            let dir = h.group.join(&name);
+            if let Err(source) = std::fs::create_dir(&dir) {
+                let e = CgroupError::Create { path: dir, source };
+                // Roll back what was made: a half-placed command is worse than none.
+                for (_, d, _) in &dirs {
+                    let _ = std::fs::remove_dir(d);
+                }
+                return Err(e);
+            }
+            let p = dir.join("cgroup.procs");
+            if let Ok(c) = CString::new(p.as_os_str().as_bytes()) {
+                procs.push(c);
+            }
+            dirs.push((h.kind, dir, h.v2_memory));
+        }
+        Ok(Leaf { dirs, procs })
+    }
+}
+
+fn apply(file: &Path, value: Option<u64>) {
+    if let Some(v) = value
+        && let Err(e) = write(file, &v.to_string())
+    {
+        tracing::warn!(file = %file.display(), error = %e, "cannot set a cgroup limit");
+    }
+}
+
+impl Leaf {
+    /// `cgroup.procs` files the child writes `0` into before exec (joining the leaf
+    /// in every hierarchy without a window in which it could fork outside).
+    pub fn procs_files(&self) -> &[CString] {
+        &self.procs
+    }
+
+    /// Processes killed by the OOM killer in this leaf so far.
+    pub fn oom_kills(&self) -> u64 {
+        let mut total = 0;
+        for (kind, dir, v2_memory) in &self.dirs {
+            let (file, key) = match kind {
+                Kind::V2 if *v2_memory => ("memory.events", "oom_kill "),
+                Kind::V1Memory => ("memory.oom_control", "oom_kill "),
+                _ => continue,
+            };
+            let n = std::fs::read_to_string(dir.join(file))
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+            total = total.max(n);
+        }
+        total
+    }
+
+    /// Every process in the leaf (any hierarchy).
+    pub fn members(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        for (_, dir, _) in &self.dirs {
+            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    if !out.contains(&pid) {
+                        out.push(pid);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Signals every member. SIGKILL uses `cgroup.kill` where the kernel has it (atomic,
+    /// even against a fork bomb); otherwise members are signalled until none is left
+    /// or a bounded number of rounds passed.
+    pub fn signal_all(&self, sig: libc::c_int) {
+        if sig == libc::SIGKILL {
+            for (kind, dir, _) in &self.dirs {
+                if *kind == Kind::V2 && write(&dir.join("cgroup.kill"), "1").is_ok() {
+                    return;
+                }
+            }
+        }
+        let rounds = if sig == libc::SIGKILL { 50 } else { 1 };
+        for _ in 0..rounds {
+            let members = self.members();
+            if members.is_empty() {
+                return;
+            }
+            for pid in members {
+                // SAFETY: kill takes no pointers.
+                unsafe { libc::kill(pid, sig) };
+            }
+        }
+    }
+
+    /// Removes the leaf directories; false while a member still lives (retry later).
+    pub fn remove(&self) -> bool {
+        let mut all = true;
+        for (_, dir, _) in &self.dirs {
+            match std::fs::remove_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => all = false,
+            }
+        }
+        all
+    }
+}

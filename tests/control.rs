@@ -1,0 +1,847 @@
+//! The control-plane surface: `/init`, the access token on every route, `/envs`,
+//! `/metrics`, port forwarding, version reporting, and the agent surviving its users.
+
+#![allow(clippy::disallowed_methods)] // tests run helper commands directly
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::time::{Duration, Instant};
+
+use common::{Codec, Frame, Guestd, envelope};
+use guestd::proto::process as pb;
+use http::{Method, StatusCode};
+
+async fn init(
+    c: &common::Client,
+    body: serde_json::Value,
+) -> (StatusCode, http::HeaderMap, String) {
+    let (st, h, b) = c
+        .fetch(
+            Method::POST,
+            "/init",
+            &[("content-type", "application/json")],
+            body.to_string(),
+        )
+        .await;
+    (st, h, String::from_utf8_lossy(&b).into_owned())
+}
+
+const UNAUTHORIZED: &str = r#"{"code":401,"message":"unauthorized access, please provide a valid access token or method signing if supported"}"#;
+
+/// One request of the table: method, path, content type, body.
+struct Call {
+    method: Method,
+    path: &'static str,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+}
+
+fn calls() -> Vec<Call> {
+    let json = |m: Method, path: &'static str, body: &str| Call {
+        method: m,
+        path,
+        content_type: Some("application/json"),
+        body: body.as_bytes().to_vec(),
+    };
+    let stream = |path: &'static str, body: &str| Call {
+        method: Method::POST,
+        path,
+        content_type: Some("application/connect+json"),
+        body: envelope(0, body.as_bytes()).to_vec(),
+    };
+    vec![
+        json(Method::GET, "/metrics", ""),
+        json(Method::GET, "/envs", ""),
+        json(Method::POST, "/files/compose", "{}"),
+        json(Method::GET, "/no/such/route", ""),
+        json(Method::POST, "/process.Process/List", "{}"),
+        json(
+            Method::POST,
+            "/process.Process/SendInput",
+            r#"{"process":{"pid":1}}"#,
+        ),
+        json(
+            Method::POST,
+            "/process.Process/SendSignal",
+            r#"{"process":{"pid":999999},"signal":"SIGNAL_SIGTERM"}"#,
+        ),
+        json(
+            Method::POST,
+            "/process.Process/CloseStdin",
+            r#"{"process":{"pid":999999}}"#,
+        ),
+        json(
+            Method::POST,
+            "/process.Process/Update",
+            r#"{"process":{"pid":999999}}"#,
+        ),
+        stream(
+            "/process.Process/Start",
+            r#"{"process":{"cmd":"/bin/true"},"stdin":false}"#,
+        ),
+        stream("/process.Process/Connect", r#"{"process":{"pid":999999}}"#),
+        stream("/process.Process/StreamInput", r#"{"keepalive":{}}"#),
+        json(
+            Method::POST,
+            "/filesystem.Filesystem/Stat",
+            r#"{"path":"/"}"#,
+        ),
+        json(
+            Method::POST,
+            "/filesystem.Filesystem/MakeDir",
+            r#"{"path":"/tmp/guestd-token-test"}"#,
+        ),
+        json(
+            Method::POST,
+            "/filesystem.Filesystem/Move",
+            r#"{"source":"/nope","destination":"/nope2"}"#,
+        ),
+        json(
+            Method::POST,
+            "/filesystem.Filesystem/ListDir",
+            r#"{"path":"/"}"#,
+        ),
+        json(
+            Method::POST,
+            "/filesystem.Filesystem/Remove",
+            r#"{"path":"/tmp/guestd-token-test"}"#,
+        ),
+        json(
+            Method::POST,
+            "/filesystem.Filesystem/CreateWatcher",
+            r#"{"path":"/tmp"}"#,
+        ),
+        json(
+            Method::POST,
+            "/filesystem.Filesystem/GetWatcherEvents",
+            r#"{"watcherId":"nope"}"#,
+        ),
+        json(
+            Method::POST,
+            "/filesystem.Filesystem/RemoveWatcher",
+            r#"{"watcherId":"nope"}"#,
+        ),
+        stream("/filesystem.Filesystem/WatchDir", r#"{"path":"/tmp"}"#),
+    ]
+}
+
+async fn send(c: &common::Client, call: &Call, token: Option<&str>) -> (StatusCode, Vec<u8>) {
+    let mut headers = Vec::new();
+    if let Some(ct) = call.content_type {
+        headers.push(("content-type", ct));
+    }
+    if let Some(t) = token {
+        headers.push(("x-access-token", t));
+    }
+    // Streams answer 200 and may run on; read with a bound.
+    let resp = c
+        .send(call.method.clone(), call.path, &headers, call.body.clone())
+        .await;
+    let status = resp.status();
+    let body = tokio::time::timeout(Duration::from_secs(5), async {
+        use http_body_util::BodyExt as _;
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        while let Some(Ok(f)) = body.frame().await {
+            if let Ok(d) = f.into_data() {
+                out.extend_from_slice(&d);
+            }
+            if out.len() > 64 {
+                break;
+            }
+        }
+        out
+    })
+    .await
+    .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn every_route_and_rpc_needs_the_token_once_set() {
+    let g = Guestd::start();
+    let c = g.client();
+    // Before /init: open.
+    for call in calls() {
+        let (st, _) = send(&c, &call, None).await;
+        assert_ne!(
+            st,
+            StatusCode::UNAUTHORIZED,
+            "{} before any token",
+            call.path
+        );
+    }
+    let (st, h, _) = init(&c, serde_json::json!({"accessToken": "s3cret"})).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(h["x-envd-version"], "0.6.13");
+    for call in calls() {
+        for token in [None, Some("wrong"), Some("S3CRET"), Some("s3cret2")] {
+            let (st, body) = send(&c, &call, token).await;
+            assert_eq!(
+                st,
+                StatusCode::UNAUTHORIZED,
+                "{} {} with {token:?}",
+                call.method,
+                call.path
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&body),
+                UNAUTHORIZED,
+                "{}",
+                call.path
+            );
+        }
+        let (st, _) = send(&c, &call, Some("s3cret")).await;
+        assert_ne!(
+            st,
+            StatusCode::UNAUTHORIZED,
+            "{} {} with the right token",
+            call.method,
+            call.path
+        );
+    }
+    // /health never needs it.
+    let (st, _, _) = c.fetch(Method::GET, "/health", &[], "").await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    // A CORS preflight is answered before auth.
+    let (st, h, _) = c
+        .fetch(
+            Method::OPTIONS,
+            "/process.Process/List",
+            &[
+                ("origin", "https://x.example"),
+                (
+                    "access-control-request-headers",
+                    "x-access-token,content-type",
+                ),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert_eq!(
+        h["access-control-allow-headers"],
+        "x-access-token,content-type"
+    );
+    assert_eq!(h["access-control-max-age"], "7200");
+}
+
+#[tokio::test]
+async fn init_is_idempotent_and_locked_by_its_token() {
+    let g = Guestd::start();
+    let c = g.client();
+    let body =
+        serde_json::json!({"accessToken": "t1", "envVars": {"A": "1"}, "timestamp": chrono_now()});
+    for _ in 0..2 {
+        let (st, h, _) = init(&c, body.clone()).await;
+        assert_eq!(st, StatusCode::NO_CONTENT);
+        assert_eq!(h["cache-control"], "no-store");
+        assert_eq!(h["x-envd-version"], "0.6.13");
+    }
+    // A guest process cannot take over with another token (no host anchor here).
+    let (st, h, text) = init(&c, serde_json::json!({"accessToken": "evil"})).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(h["x-envd-version"], "0.6.13");
+    assert!(text.contains("unauthorized"), "{text}");
+    // Malformed JSON is a 400 naming the problem.
+    let (st, _, text) = c
+        .fetch(
+            Method::POST,
+            "/init",
+            &[("content-type", "application/json")],
+            "{\"accessToken\": ",
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&text).contains("invalid /init JSON"));
+    // Wrong method (with the token: the token check runs before routing).
+    let (st, _, _) = c
+        .fetch(Method::GET, "/init", &[("x-access-token", "t1")], "")
+        .await;
+    assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn init_with_a_host_trust_anchor_rotates_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let anchor = dir.path().join("anchor");
+    let g = Guestd::start_with(&[
+        "--default-user",
+        "root",
+        "--no-code-interpreter",
+        "--init-trust-file",
+        anchor.to_str().unwrap(),
+    ]);
+    let c = g.client();
+    use sha2::Digest as _;
+    let hex = |s: &str| -> String {
+        sha2::Sha256::digest(s.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    std::fs::write(&anchor, hex("first")).unwrap();
+    // With an anchor published, even the first /init must match it.
+    assert_eq!(
+        init(&c, serde_json::json!({"accessToken": "guess"}))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        init(&c, serde_json::json!({"accessToken": "first"}))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    std::fs::write(&anchor, hex("second")).unwrap();
+    assert_eq!(
+        init(&c, serde_json::json!({"accessToken": "second"}))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    let (st, _, _) = c
+        .fetch(Method::GET, "/envs", &[("x-access-token", "first")], "")
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, _, _) = c
+        .fetch(Method::GET, "/envs", &[("x-access-token", "second")], "")
+        .await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+fn chrono_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    // RFC 3339 via the `date` tool keeps the test free of a date library.
+    let out = std::process::Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("@{}", now.as_secs()),
+            "+%Y-%m-%dT%H:%M:%SZ",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+async fn run_env(
+    c: &common::Client,
+    envs: &[(&str, &str)],
+) -> std::collections::BTreeMap<String, String> {
+    let req = pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: "/usr/bin/env".into(),
+            args: vec![],
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            cwd: None,
+        }),
+        pty: None,
+        tag: None,
+        stdin: Some(false),
+    };
+    let mut s = c
+        .server_stream(Codec::Json, "/process.Process/Start", &req, &[])
+        .await;
+    let mut out = Vec::new();
+    while let Ok(m) = s.next_message::<pb::StartResponse>().await {
+        if let Some(pb::process_event::Event::Data(d)) = m.event.and_then(|e| e.event)
+            && let Some(pb::process_event::data_event::Output::Stdout(b)) = d.output
+        {
+            out.extend_from_slice(&b);
+        }
+    }
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn init_env_vars_layer_under_request_envs_and_over_nothing_else() {
+    let g = Guestd::start_with(&[
+        "--default-user",
+        "root",
+        "--no-code-interpreter",
+        "--isnotfc",
+    ]);
+    let c = g.client();
+    let (st, _, _) = init(
+        &c,
+        serde_json::json!({"envVars": {"GLOBAL": "g", "SHARED": "from-init", "E2B_SANDBOX": "hijack"}}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let env = run_env(&c, &[("SHARED", "from-request")]).await;
+    assert_eq!(env["GLOBAL"], "g");
+    assert_eq!(env["SHARED"], "from-request", "request envs override /init");
+    assert_eq!(
+        env["E2B_SANDBOX"], "false",
+        "internal variables cannot be replaced (dev mode: false)"
+    );
+    let (st, h, body) = c.fetch(Method::GET, "/envs", &[], "").await;
+    assert_eq!(
+        (st, h["cache-control"].to_str().unwrap()),
+        (StatusCode::OK, "no-store")
+    );
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"E2B_SANDBOX": "false", "GLOBAL": "g", "SHARED": "from-init"})
+    );
+    // Replace semantics: a later /init drops keys it does not name.
+    init(&c, serde_json::json!({"envVars": {"ONLY": "1"}})).await;
+    let env = run_env(&c, &[]).await;
+    assert!(!env.contains_key("GLOBAL"));
+    assert_eq!(env["ONLY"], "1");
+}
+
+#[tokio::test]
+async fn metrics_json_and_prometheus() {
+    let g = Guestd::start();
+    let c = g.client();
+    let (st, h, body) = c.fetch(Method::GET, "/metrics", &[], "").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(h["cache-control"], "no-store");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let obj = v.as_object().unwrap();
+    let mut keys: Vec<&str> = obj.keys().map(|k| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "cpu_count",
+            "cpu_used_pct",
+            "disk_total",
+            "disk_used",
+            "mem_cache",
+            "mem_total",
+            "mem_total_mib",
+            "mem_used",
+            "mem_used_mib",
+            "ts"
+        ]
+    );
+    for k in [
+        "ts",
+        "cpu_count",
+        "mem_total",
+        "mem_used",
+        "mem_cache",
+        "mem_total_mib",
+        "mem_used_mib",
+        "disk_total",
+        "disk_used",
+    ] {
+        assert!(obj[k].is_u64(), "{k} is an integer: {}", obj[k]);
+    }
+    assert!(obj["cpu_used_pct"].is_f64() || obj["cpu_used_pct"].is_u64());
+    assert!(obj["mem_used"].as_u64() <= obj["mem_total"].as_u64());
+    assert_eq!(
+        obj["mem_total_mib"].as_u64().unwrap(),
+        obj["mem_total"].as_u64().unwrap() >> 20
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        now - obj["ts"].as_u64().unwrap() <= 10,
+        "the sample is recent"
+    );
+
+    for (path, headers) in [
+        ("/metrics?format=prometheus", vec![]),
+        (
+            "/metrics",
+            vec![("accept", "text/plain;version=0.0.4;q=0.9,*/*;q=0.1")],
+        ),
+    ] {
+        let (st, h, body) = c.fetch(Method::GET, path, &headers, "").await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(
+            h["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        for name in [
+            "guestd_process_resident_memory_bytes",
+            "guestd_processes",
+            "guestd_watchers",
+            "guestd_connections",
+        ] {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+            let value: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            assert!(value >= 0.0);
+        }
+        let rss: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("guestd_process_resident_memory_bytes "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(rss > 1e6, "guestd's RSS is reported in bytes: {rss}");
+        let conns: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("guestd_connections "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(conns >= 1.0, "this very connection counts");
+    }
+}
+
+#[tokio::test]
+async fn version_flags() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
+        .arg("-version")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "0.6.13\n");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("0.6.13\nguestd {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[tokio::test]
+async fn loopback_listeners_are_forwarded_to_external_addresses() {
+    let ext = guestd::portfwd::external_addresses()
+        .into_iter()
+        .find(|a| a.is_ipv4())
+        .expect("this test needs a non-loopback IPv4 address (eth0)");
+    // A "user service" listening on loopback only.
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in service.incoming().flatten() {
+            let mut conn = conn;
+            let mut buf = [0u8; 64];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let _ =
+                conn.write_all(format!("echo:{}", String::from_utf8_lossy(&buf[..n])).as_bytes());
+        }
+    });
+    // Forwarding is on by default.
+    let _g = Guestd::start_forwarding(&["--default-user", "root", "--no-code-interpreter"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        if let Ok(mut s) = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::new(ext, port),
+            Duration::from_millis(500),
+        ) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"ping").unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if !out.is_empty() {
+                break out;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing forwarded {ext}:{port} within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(reply, "echo:ping");
+}
+
+#[tokio::test]
+async fn port_forwarding_can_be_turned_off() {
+    let ext = guestd::portfwd::external_addresses()
+        .into_iter()
+        .find(|a| a.is_ipv4())
+        .expect("eth0");
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port();
+    let _g = Guestd::start_with(&["--default-user", "root", "--no-code-interpreter"]);
+    tokio::time::sleep(Duration::from_millis(2500)).await; // more than two scan intervals
+    assert!(
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::new(ext, port),
+            Duration::from_millis(500)
+        )
+        .is_err()
+    );
+    drop(service);
+}
+
+// ------------------------------------------------------------------------------
+// The agent survives its users.
+
+/// A cgroup (in every hierarchy guestd would use) that this test owns and removes.
+struct TestCgroup {
+    rel: String,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+impl TestCgroup {
+    fn create() -> TestCgroup {
+        let rel = format!("/guestd-ci-{}", std::process::id());
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let mut dirs = Vec::new();
+        for line in mounts.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let usable = f[2] == "cgroup2"
+                || (f[2] == "cgroup" && (f[3].contains("pids") || f[3].contains("memory")));
+            if usable {
+                let d = std::path::Path::new(f[1]).join(&rel[1..]);
+                if std::fs::create_dir_all(&d).is_ok() {
+                    dirs.push(d);
+                }
+            }
+        }
+        assert!(
+            !dirs.is_empty(),
+            "the test needs a writable cgroup hierarchy"
+        );
+        TestCgroup { rel, dirs }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Bottom-up removal of everything below our directories (leaves, then groups).
+        for d in &self.dirs {
+            let _ = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "find {} -depth -type d -exec rmdir {{}} \\; 2>/dev/null",
+                    d.display()
+                ))
+                .status();
+        }
+    }
+}
+
+/// Processes in the command leaves of the test's user group (largest hierarchy count).
+fn count_leaf_members(cg: &TestCgroup) -> usize {
+    cg.dirs
+        .iter()
+        .filter_map(|d| {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "cat {}/user/*/cgroup.procs 2>/dev/null | wc -l",
+                    d.display()
+                ))
+                .output()
+                .ok()?;
+            String::from_utf8(out.stdout)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn has_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(eff, 16).unwrap() & (1 << 24) != 0
+}
+
+async fn health_latency(port: u16) -> Duration {
+    let t = Instant::now();
+    let c = common::Client::new(&format!("http://127.0.0.1:{port}"));
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.fetch(Method::GET, "/health", &[], ""),
+    )
+    .await;
+    assert!(
+        matches!(r, Ok((StatusCode::NO_CONTENT, _, _))),
+        "/health failed during the abuse"
+    );
+    t.elapsed()
+}
+
+#[tokio::test]
+async fn fork_bomb_and_memory_hog_do_not_take_the_agent_down() {
+    let cg = TestCgroup::create();
+    let mut g = Guestd::start_with(&[
+        "--default-user",
+        "root",
+        "--no-code-interpreter",
+        "--cgroup-root",
+        &cg.rel,
+        "--user-pids-max",
+        "200",
+        "--user-memory-max",
+        "268435456",
+    ]);
+    let c = g.client();
+    let agent_score: i32 = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", g.pid()))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    if has_cap_sys_resource() {
+        assert_eq!(
+            agent_score, -1000,
+            "the agent asks the OOM killer to spare it"
+        );
+    } else {
+        // Lowering a score needs CAP_SYS_RESOURCE (some VMs withhold it): the agent
+        // then keeps its inherited score, still below its users' 100.
+        assert!(agent_score < 100, "agent score {agent_score}");
+    }
+
+    // Fork bomb.
+    let bomb = pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: "/bin/bash".into(),
+            args: vec![
+                "-c".into(),
+                "cat /proc/self/oom_score_adj; b() { b | b & }; b; exec sleep 1000".into(),
+            ],
+            envs: Default::default(),
+            cwd: None,
+        }),
+        pty: None,
+        tag: Some("bomb".into()),
+        stdin: Some(false),
+    };
+    let mut s = c
+        .server_stream(Codec::Json, "/process.Process/Start", &bomb, &[])
+        .await;
+    let pid = match s
+        .next_message::<pb::StartResponse>()
+        .await
+        .unwrap()
+        .event
+        .and_then(|e| e.event)
+    {
+        Some(pb::process_event::Event::Start(st)) => st.pid,
+        other => panic!("{other:?}"),
+    };
+    let mut worst = Duration::ZERO;
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        worst = worst.max(health_latency(g.port).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The group hit its pids limit: it holds about 200 processes, not thousands.
+    let leaf_members = count_leaf_members(&cg);
+    assert!(
+        leaf_members > 0 && leaf_members <= 200,
+        "fork bomb size {leaf_members}"
+    );
+    // Kill it: the whole leaf goes.
+    let (st, _, _) = c
+        .fetch(
+            Method::POST,
+            "/process.Process/SendSignal",
+            &[("content-type", "application/json")],
+            r#"{"process":{"tag":"bomb"},"signal":"SIGNAL_SIGKILL"}"#.to_string(),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let mut out = Vec::new();
+    let end = loop {
+        match s.next_frame_within(Duration::from_secs(30)).await {
+            Some(Frame::Message(b)) => {
+                let m: pb::StartResponse = Codec::Json.decode(&b);
+                match m.event.and_then(|e| e.event) {
+                    Some(pb::process_event::Event::End(e)) => break e,
+                    Some(pb::process_event::Event::Data(d)) => {
+                        if let Some(pb::process_event::data_event::Output::Stdout(b)) = d.output {
+                            out.extend_from_slice(&b)
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            other => panic!("no end: {other:?}"),
+        }
+    };
+    assert_eq!(end.status, "signal: killed");
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("100\n"),
+        "user processes get oom_score_adj 100"
+    );
+    let _ = pid;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count_leaf_members(&cg) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the fork bomb's processes outlived the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Memory hog: the OOM killer ends it inside the user group, and the End says so.
+    let hog = pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: "/usr/bin/python3".into(),
+            args: vec![
+                "-c".into(),
+                "x = []\nwhile True: x.append(bytearray(16 << 20))".into(),
+            ],
+            envs: Default::default(),
+            cwd: None,
+        }),
+        pty: None,
+        tag: None,
+        stdin: Some(false),
+    };
+    let mut s = c
+        .server_stream(Codec::Proto, "/process.Process/Start", &hog, &[])
+        .await;
+    let end = loop {
+        worst = worst.max(health_latency(g.port).await);
+        match s.next_frame_within(Duration::from_secs(60)).await {
+            Some(Frame::Message(b)) => {
+                let m: pb::StartResponse = Codec::Proto.decode(&b);
+                if let Some(pb::process_event::Event::End(e)) = m.event.and_then(|e| e.event) {
+                    break e;
+                }
+            }
+            other => panic!("no end: {other:?}"),
+        }
+    };
+    assert!(end.oom_killed, "typed OOM exit: {end:?}");
+    assert_eq!(end.status, "signal: killed");
+    assert!(
+        end.error.as_deref().unwrap_or("").contains("out of memory"),
+        "{end:?}"
+    );
+    assert!(g.is_alive(), "guestd survived");
+    assert!(
+        worst < Duration::from_secs(2),
+        "/health stayed responsive (worst {worst:?})"
+    );
+
+    // The agent still works normally.
+    let env = run_env(&c, &[("X", "after")]).await;
+    assert_eq!(env["X"], "after");
+}

@@ -39,22 +39,35 @@ def wait_port(port: int, timeout: float, proc=None, log=None) -> None:
     raise RuntimeError(f"guestd did not open port {port}; log:\n{text}")
 
 
+class Guestd:
+    """The guestd the suite talks to; `trust_file` is None when it was started by hand."""
+
+    def __init__(self, proc, trust_file):
+        self.proc = proc
+        self.trust_file = trust_file
+
+
 @pytest.fixture(scope="session", autouse=True)
 def guestd(tmp_path_factory):
     if port_open(AGENT_PORT):
-        yield None
+        yield Guestd(None, None)
         return
     binary = os.environ.get("GUESTD_BIN") or str(REPO / "target" / "release" / "guestd")
-    log = tmp_path_factory.mktemp("guestd") / "guestd.log"
+    workdir = tmp_path_factory.mktemp("guestd")
+    log = workdir / "guestd.log"
+    # The /init trust anchor (hex SHA-256 of the token the host expects), which the
+    # control-plane tests rewrite; empty means none is published.
+    trust_file = workdir / "init-trust"
+    trust_file.write_text("")
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [binary, "--default-user", "user"],
+            [binary, "--default-user", "user", "--init-trust-file", str(trust_file)],
             stdout=subprocess.DEVNULL,
             stderr=out,
         )
     try:
         wait_port(AGENT_PORT, 20, proc, log)
-        yield proc
+        yield Guestd(proc, trust_file)
     finally:
         proc.terminate()
         try:

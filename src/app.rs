@@ -59,6 +59,16 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         shutdown.clone(),
     ));
 
+    let kernels = if config.code_interpreter {
+        Some(tokio::spawn(serve_code_interpreter(
+            config.clone(),
+            env.clone(),
+            shutdown.clone(),
+        )))
+    } else {
+        None
+    };
+
     if config.port_forward {
         let stats = Arc::new(crate::portfwd::Stats::default());
         tokio::spawn(crate::portfwd::run(
@@ -71,7 +81,47 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     shutdown.cancel();
+    if let Some(task) = kernels
+        && let Ok(Some(mgr)) = task.await
+    {
+        mgr.shutdown().await;
+    }
     Ok(())
+}
+
+/// Starts the default kernel contexts, then serves the kernel bridge. The port is bound
+/// only once they are ready (contract §9: `/health` on it means "ready"); the agent API
+/// is up meanwhile.
+async fn serve_code_interpreter(
+    config: Config,
+    env: crate::env::GlobalEnv,
+    shutdown: CancellationToken,
+) -> Option<Arc<crate::kernel::KernelManager>> {
+    let mgr = match crate::kernel::start(&config, env).await {
+        Ok(Some(mgr)) => mgr,
+        Ok(None) => {
+            tracing::info!("no Python kernelspec found: the kernel bridge is off");
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the kernel bridge could not start");
+            return None;
+        }
+    };
+    let addr = SocketAddr::new(config.listen, config.code_port);
+    match TcpListener::bind(addr).await {
+        Ok(listener) => {
+            tracing::info!(%addr, "kernel bridge listening");
+            tokio::spawn(server::serve(
+                listener,
+                crate::code_interpreter::handler(mgr.clone()),
+                Arc::new(ConnCounter::default()),
+                shutdown,
+            ));
+        }
+        Err(e) => tracing::error!(%addr, error = %e, "cannot listen for the kernel bridge"),
+    }
+    Some(mgr)
 }
 
 /// The agent must outlive whatever user code does: it reaps orphans as a subreaper and

@@ -5,10 +5,12 @@
 
 pub mod api;
 pub mod app;
+pub mod code_interpreter;
 pub mod config;
 pub mod env;
 pub mod filesystem;
 pub mod init;
+pub mod kernel;
 pub mod metrics;
 pub mod paths;
 pub mod portfwd;

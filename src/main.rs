@@ -31,7 +31,8 @@ fn main() -> anyhow::Result<()> {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GUESTD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // zeromq logs every reconnect attempt to a dead kernel at info.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zeromq=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

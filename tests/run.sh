@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 
 packaging/dev/setup.sh
 cargo build --release --bin guestd
-cargo test --release
-GUESTD_BIN="$PWD/target/release/guestd" tests/python/.venv/bin/python -m pytest tests/python -q -p no:cacheprovider "$@"
+GUESTD_REQUIRE_ALL_KERNELS=1 cargo test --release
+GUESTD_REQUIRE_ALL_KERNELS=1 GUESTD_BIN="$PWD/target/release/guestd" tests/python/.venv/bin/python -m pytest tests/python -q -p no:cacheprovider "$@"

@@ -1,0 +1,816 @@
+//! One kernel process and its five ZeroMQ channels (contract §7.2).
+//!
+//! Start: connection file with fresh ports and a random HMAC key, spawn the kernelspec
+//! `argv` through the reaper in its own process group, connect shell/control/stdin
+//! (DEALER), iopub (SUB, everything) and heartbeat (REQ), then wait until the kernel is
+//! ready: a `kernel_info_reply` **and** an iopub message parented to a
+//! `kernel_info_request` (without the latter, early iopub output of the first execution
+//! can be lost to PUB/SUB slow joining).
+//!
+//! Every received message (iopub drained continuously, since PUB drops what a slow
+//! subscriber does not take) goes into one unbounded queue, followed by the process
+//! exit once the reaper reports it.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::TcpListener;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, timeout};
+use zeromq::util::PeerIdentity;
+use zeromq::{
+    DealerSendHalf, DealerSocket, ReqSocket, Socket, SocketOptions, SocketRecv, SocketSend,
+    SubSocket, ZmqMessage,
+};
+
+use super::KernelError;
+use super::exec::Tracker;
+use super::spec::{InterruptMode, KernelSpec};
+use super::wire::{Message, Signer};
+
+/// Longest time a kernel may take from spawn to ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(45);
+/// Grace period after `shutdown_request` before signals.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+/// Grace period after SIGTERM before SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+/// Lines of kernel stderr kept for error messages.
+const STDERR_TAIL: usize = 20;
+
+/// The channel a message arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Shell,
+    Control,
+    Iopub,
+    Stdin,
+}
+
+/// Something that happened to a kernel.
+#[derive(Debug)]
+pub enum Event {
+    Msg(Channel, Box<Message>),
+    /// The heartbeat stopped answering (`false`) or answers again (`true`).
+    Heartbeat(bool),
+    /// The kernel process exited.
+    Exited(ExitStatus),
+}
+
+/// Describes an exit status for logs and error messages.
+pub fn describe_exit(status: &ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => match Signal::try_from(s) {
+            Ok(sig) => format!("signal {sig}"),
+            Err(_) => format!("signal {s}"),
+        },
+        _ => "unknown status".to_string(),
+    }
+}
+
+/// A running kernel.
+pub struct Kernel {
+    pub spec: KernelSpec,
+    /// Process id, also the process group id.
+    pub pid: i32,
+    session: String,
+    signer: Signer,
+    shell: DealerSendHalf,
+    control: DealerSendHalf,
+    events: mpsc::UnboundedReceiver<Event>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    exited: Option<ExitStatus>,
+    conn_file: PathBuf,
+    tasks: Vec<JoinHandle<()>>,
+    channel_tasks: Vec<JoinHandle<()>>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    label: String,
+    /// `implementation` from `kernel_info_reply` (e.g. `ipython`, `deno`).
+    implementation: String,
+}
+
+struct Ports {
+    shell: u16,
+    iopub: u16,
+    stdin: u16,
+    control: u16,
+    hb: u16,
+}
+
+fn free_ports() -> std::io::Result<Ports> {
+    // Bind all five at once so they are distinct, then release them for the kernel.
+    let ls: Vec<TcpListener> = (0..5)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let p: Vec<u16> = ls
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?;
+    Ok(Ports {
+        shell: p[0],
+        iopub: p[1],
+        stdin: p[2],
+        control: p[3],
+        hb: p[4],
+    })
+}
+
+/// Directory for connection files (private to guestd).
+fn runtime_dir() -> std::io::Result<PathBuf> {
+    let candidates = [
+        PathBuf::from("/run/guestd/kernels"),
+        std::env::temp_dir().join(format!("guestd-kernels-{}", nix::unistd::getuid())),
+    ];
+    let mut last = None;
+    for dir in candidates {
+        match std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+        {
+            Ok(()) => {
+                let meta = std::fs::metadata(&dir)?;
+                use std::os::unix::fs::MetadataExt;
+                if meta.uid() != nix::unistd::getuid().as_raw() {
+                    last = Some(std::io::Error::other(format!(
+                        "{} is owned by another user",
+                        dir.display()
+                    )));
+                    continue;
+                }
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+                return Ok(dir);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no runtime directory")))
+}
+
+fn write_connection_file(path: &Path, ports: &Ports, key: &str, spec: &str) -> std::io::Result<()> {
+    let body = json!({
+        "ip": "127.0.0.1",
+        "transport": "tcp",
+        "shell_port": ports.shell,
+        "iopub_port": ports.iopub,
+        "stdin_port": ports.stdin,
+        "control_port": ports.control,
+        "hb_port": ports.hb,
+        "key": key,
+        "signature_scheme": "hmac-sha256",
+        "kernel_name": spec,
+    });
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(body.to_string().as_bytes())?;
+    f.sync_all()
+}
+
+fn endpoint(port: u16) -> String {
+    format!("tcp://127.0.0.1:{port}")
+}
+
+fn socket_options(identity: Option<&PeerIdentity>) -> SocketOptions {
+    let mut o = SocketOptions::default();
+    o.connect_timeout(READY_TIMEOUT);
+    if let Some(id) = identity {
+        o.peer_identity(id.clone());
+    }
+    o
+}
+
+/// Everything needed to start a kernel.
+pub struct StartParams<'a> {
+    pub spec: &'a KernelSpec,
+    /// Used in file names and logs (the context id).
+    pub label: &'a str,
+    pub cwd: &'a Path,
+    /// Extra process environment (the global env), below the kernelspec's `env`.
+    pub env: &'a [(String, String)],
+}
+
+impl Kernel {
+    /// Spawns the kernel and waits until it is ready.
+    pub async fn start(p: StartParams<'_>) -> Result<Kernel, KernelError> {
+        let fail = |detail: String| KernelError::Start(detail);
+        match std::fs::metadata(p.cwd) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(KernelError::Cwd(
+                    p.cwd.display().to_string(),
+                    "not a directory".into(),
+                ));
+            }
+            Err(e) => return Err(KernelError::Cwd(p.cwd.display().to_string(), e.to_string())),
+        }
+        let ports = free_ports().map_err(|e| fail(format!("cannot allocate ports: {e}")))?;
+        let key = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let dir = runtime_dir().map_err(|e| fail(format!("no runtime directory: {e}")))?;
+        let conn_file = dir.join(format!(
+            "kernel-{}-{}.json",
+            p.label,
+            uuid::Uuid::new_v4().simple()
+        ));
+        write_connection_file(&conn_file, &ports, &key, &p.spec.name)
+            .map_err(|e| fail(format!("cannot write connection file: {e}")))?;
+        // From here on, the file is removed by Kernel's drop (or below on early failure).
+        let argv = p.spec.command_line(&conn_file);
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .current_dir(p.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if std::env::var_os("LANG").is_none() && std::env::var_os("LC_ALL").is_none() {
+            cmd.env("LANG", "C.UTF-8");
+        }
+        for (k, v) in p.env {
+            cmd.env(k, v);
+        }
+        for (k, v) in &p.spec.env {
+            cmd.env(k, v);
+        }
+        // Kernels run user code: the OOM killer should prefer them to the agent, as it
+        // does user commands (contract 6.2).
+        // SAFETY: the closure runs between fork and exec and only makes raw open/write/
+        // close syscalls on a static path; it allocates nothing and takes no locks.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                let fd = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if fd >= 0 {
+                    libc::write(fd, b"100".as_ptr().cast(), 3);
+                    libc::close(fd);
+                }
+                Ok(())
+            });
+        }
+        let spawned = crate::sys::reaper::global().spawn_command(&mut cmd);
+        let (mut child, waiter) = match spawned {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = std::fs::remove_file(&conn_file);
+                return Err(fail(format!("cannot run {}: {e}", argv[0])));
+            }
+        };
+        let pid = waiter.pid();
+        tracing::info!(context = p.label, kernel = %p.spec.name, pid, "kernel process started");
+
+        let (ev_tx, events) = mpsc::unbounded_channel();
+        let (exit_tx, exit) = watch::channel(None);
+        let mut tasks = Vec::new();
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let label = p.label.to_string();
+        if let Some(out) = child.stdout.take() {
+            tasks.push(spawn_log_reader(out, label.clone(), None));
+        }
+        if let Some(err) = child.stderr.take() {
+            tasks.push(spawn_log_reader(
+                err,
+                label.clone(),
+                Some(stderr_tail.clone()),
+            ));
+        }
+        {
+            let ev_tx = ev_tx.clone();
+            let label = label.clone();
+            tasks.push(tokio::spawn(async move {
+                let status = waiter.await;
+                tracing::info!(context = %label, pid, status = %describe_exit(&status), "kernel process exited");
+                let _ = exit_tx.send(Some(status));
+                let _ = ev_tx.send(Event::Exited(status));
+            }));
+        }
+
+        let session = uuid::Uuid::new_v4().to_string();
+        let signer = Signer::new(key.as_bytes());
+        let mut kernel_partial = PartialKernel {
+            pid,
+            tasks,
+            conn_file: Some(conn_file),
+        };
+        let identity = PeerIdentity::try_from(Bytes::from(session.clone().into_bytes()))
+            .map_err(|e| fail(format!("bad identity: {e}")))?;
+
+        let connect = async {
+            let mut shell = DealerSocket::with_options(socket_options(Some(&identity)));
+            let mut control = DealerSocket::with_options(socket_options(None));
+            let mut stdin = DealerSocket::with_options(socket_options(Some(&identity)));
+            let mut iopub = SubSocket::with_options(socket_options(None));
+            let eps = [
+                endpoint(ports.shell),
+                endpoint(ports.control),
+                endpoint(ports.stdin),
+                endpoint(ports.iopub),
+            ];
+            let (a, b, c, d) = tokio::join!(
+                shell.connect(&eps[0]),
+                control.connect(&eps[1]),
+                stdin.connect(&eps[2]),
+                iopub.connect(&eps[3]),
+            );
+            a.and(b).and(c).and(d)?;
+            iopub.subscribe("").await?;
+            Ok::<_, zeromq::ZmqError>((shell, control, stdin, iopub))
+        };
+        let mut exit_rx = exit.clone();
+        let sockets = tokio::select! {
+            r = timeout(READY_TIMEOUT, connect) => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    kernel_partial.kill();
+                    return Err(fail(format!("cannot connect to the kernel: {e}")));
+                }
+                Err(_) => {
+                    kernel_partial.kill();
+                    return Err(fail("timed out connecting to the kernel".into()));
+                }
+            },
+            status = async { exit_rx.wait_for(Option::is_some).await.ok().and_then(|s| *s) } => {
+                kernel_partial.kill();
+                return Err(fail(exit_detail(status.as_ref(), &stderr_tail)));
+            }
+        };
+        let (shell, control, stdin, iopub) = sockets;
+        let (shell_tx, shell_rx) = shell.split();
+        let (control_tx, control_rx) = control.split();
+        let (_stdin_tx, stdin_rx) = stdin.split();
+        // The socket readers and the heartbeat: stopped first at shutdown, so that no
+        // socket tries to reconnect to a kernel that is going away.
+        let channel_tasks = vec![
+            spawn_reader(
+                shell_rx,
+                Channel::Shell,
+                signer.clone(),
+                ev_tx.clone(),
+                label.clone(),
+            ),
+            spawn_reader(
+                control_rx,
+                Channel::Control,
+                signer.clone(),
+                ev_tx.clone(),
+                label.clone(),
+            ),
+            spawn_reader(
+                stdin_rx,
+                Channel::Stdin,
+                signer.clone(),
+                ev_tx.clone(),
+                label.clone(),
+            ),
+            spawn_reader(
+                iopub,
+                Channel::Iopub,
+                signer.clone(),
+                ev_tx.clone(),
+                label.clone(),
+            ),
+            spawn_heartbeat(ports.hb, ev_tx.clone(), label.clone()),
+        ];
+        drop(ev_tx);
+
+        let mut kernel = Kernel {
+            spec: p.spec.clone(),
+            pid,
+            session,
+            signer,
+            shell: shell_tx,
+            control: control_tx,
+            events,
+            exit,
+            exited: None,
+            conn_file: kernel_partial.conn_file.take().unwrap_or_default(),
+            tasks: std::mem::take(&mut kernel_partial.tasks),
+            channel_tasks,
+            stderr_tail,
+            label,
+            implementation: String::new(),
+        };
+        kernel_partial.disarm();
+        kernel.wait_ready().await?;
+        Ok(kernel)
+    }
+
+    /// Repeats `kernel_info_request` until the reply and an iopub message parented to
+    /// one of them both arrived.
+    async fn wait_ready(&mut self) -> Result<(), KernelError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut sent: HashSet<String> = HashSet::new();
+        let mut got_reply_at: Option<Instant> = None;
+        let mut got_iopub = false;
+        let mut interval = Duration::from_millis(250);
+        while Instant::now() < deadline {
+            let req = Message::new("kernel_info_request", &self.session, json!({}));
+            sent.insert(req.msg_id().to_string());
+            self.send_shell(&req).await?;
+            let round_end = (Instant::now() + interval).min(deadline);
+            interval = (interval * 2).min(Duration::from_secs(2));
+            loop {
+                let ev = tokio::select! {
+                    ev = self.next_event() => ev,
+                    _ = tokio::time::sleep_until(round_end) => break,
+                };
+                match ev {
+                    Event::Msg(Channel::Shell, m)
+                        if m.msg_type() == "kernel_info_reply"
+                            && m.parent_id().is_some_and(|p| sent.contains(p)) =>
+                    {
+                        got_reply_at.get_or_insert_with(Instant::now);
+                        if let Some(i) = m.content_str("implementation") {
+                            tracing::debug!(context = %self.label, implementation = i, "kernel_info_reply");
+                            self.implementation = i.to_string();
+                        }
+                    }
+                    Event::Msg(Channel::Iopub, m)
+                        if m.parent_type() == Some("kernel_info_request")
+                            || m.parent_id().is_some_and(|p| sent.contains(p)) =>
+                    {
+                        got_iopub = true;
+                    }
+                    Event::Exited(status) => {
+                        return Err(KernelError::Start(exit_detail(
+                            Some(&status),
+                            &self.stderr_tail,
+                        )));
+                    }
+                    _ => {}
+                }
+                if got_reply_at.is_some() && got_iopub {
+                    tracing::debug!(context = %self.label, "kernel ready");
+                    return Ok(());
+                }
+            }
+            // A kernel that answers but never publishes status for kernel_info is
+            // accepted after a while rather than failing the context.
+            if let Some(t) = got_reply_at
+                && t.elapsed() > Duration::from_secs(10)
+            {
+                tracing::warn!(context = %self.label, "kernel publishes no iopub status for kernel_info; assuming ready");
+                return Ok(());
+            }
+        }
+        Err(KernelError::Start(format!(
+            "kernel did not become ready within {} s",
+            READY_TIMEOUT.as_secs()
+        )))
+    }
+
+    /// The next event; after the process exited and every message was taken, keeps
+    /// returning `Exited`.
+    pub async fn next_event(&mut self) -> Event {
+        if let Some(status) = self.exited {
+            return Event::Exited(status);
+        }
+        match self.events.recv().await {
+            Some(Event::Exited(s)) => {
+                self.exited = Some(s);
+                Event::Exited(s)
+            }
+            Some(ev) => ev,
+            None => {
+                // Every task ended without reporting an exit (cannot happen while the
+                // exit task runs); wait for the watch instead.
+                let status = match self.exit.wait_for(Option::is_some).await {
+                    Ok(s) => s.unwrap_or_else(|| ExitStatus::from_raw(libc::SIGKILL)),
+                    Err(_) => ExitStatus::from_raw(libc::SIGKILL),
+                };
+                self.exited = Some(status);
+                Event::Exited(status)
+            }
+        }
+    }
+
+    /// The exit status once the process has exited.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exited.or(*self.exit.borrow())
+    }
+
+    /// How long to keep listening after an execution completed, for output the kernel
+    /// publishes after its `idle` status. Deno's kernel publishes stream output and
+    /// results from separate tasks, so they can trail `idle`/`execute_reply` by a hair
+    /// (the protocol says output precedes `idle`; every other kernel keeps to that).
+    pub fn output_linger(&self) -> Duration {
+        if self.implementation.to_ascii_lowercase().starts_with("deno") {
+            Duration::from_millis(100)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    pub fn stderr_tail(&self) -> String {
+        tail_text(&self.stderr_tail)
+    }
+
+    async fn send(
+        sock: &mut DealerSendHalf,
+        signer: &Signer,
+        msg: &Message,
+    ) -> Result<(), KernelError> {
+        let frames = signer.encode(msg);
+        let zmsg = ZmqMessage::try_from(frames)
+            .map_err(|e| KernelError::Channel(format!("empty message: {e:?}")))?;
+        match timeout(Duration::from_secs(10), sock.send(zmsg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(KernelError::Channel(format!("send failed: {e}"))),
+            Err(_) => Err(KernelError::Channel("send timed out".into())),
+        }
+    }
+
+    pub async fn send_shell(&mut self, msg: &Message) -> Result<(), KernelError> {
+        Self::send(&mut self.shell, &self.signer, msg).await
+    }
+
+    pub async fn send_control(&mut self, msg: &Message) -> Result<(), KernelError> {
+        Self::send(&mut self.control, &self.signer, msg).await
+    }
+
+    /// Sends an `execute_request` and returns its tracker.
+    pub async fn execute(&mut self, code: &str, silent: bool) -> Result<Tracker, KernelError> {
+        let msg = Message::new(
+            "execute_request",
+            &self.session,
+            json!({
+                "code": code,
+                "silent": silent,
+                "store_history": !silent,
+                "user_expressions": {},
+                "allow_stdin": false,
+                "stop_on_error": !silent,
+            }),
+        );
+        self.send_shell(&msg).await?;
+        Ok(Tracker::new(msg.msg_id()))
+    }
+
+    /// Interrupts the running execution (SIGINT to the group, or `interrupt_request`).
+    pub async fn interrupt(&mut self) -> Result<(), KernelError> {
+        tracing::info!(context = %self.label, pid = self.pid, "interrupting kernel");
+        match self.spec.interrupt_mode {
+            InterruptMode::Signal => {
+                signal_group(self.pid, Signal::SIGINT);
+                Ok(())
+            }
+            InterruptMode::Message => {
+                let msg = Message::new("interrupt_request", &self.session, json!({}));
+                self.send_control(&msg).await
+            }
+        }
+    }
+
+    /// Polite shutdown, then SIGTERM and SIGKILL to the process group.
+    pub async fn shutdown(mut self) {
+        for t in &self.channel_tasks {
+            t.abort();
+        }
+        if self.exit_status().is_none() {
+            let msg = Message::new("shutdown_request", &self.session, json!({"restart": false}));
+            if let Err(e) = self.send_control(&msg).await {
+                tracing::debug!(context = %self.label, error = %e, "shutdown_request not sent");
+            }
+            if !self.wait_exit(SHUTDOWN_GRACE).await {
+                signal_group(self.pid, Signal::SIGTERM);
+                if !self.wait_exit(TERM_GRACE).await {
+                    signal_group(self.pid, Signal::SIGKILL);
+                    self.wait_exit(TERM_GRACE).await;
+                }
+            }
+        }
+        // Leftover children of the kernel (shell commands, helpers) share its group.
+        signal_group(self.pid, Signal::SIGKILL);
+        tracing::info!(context = %self.label, pid = self.pid, "kernel shut down");
+    }
+
+    async fn wait_exit(&mut self, within: Duration) -> bool {
+        let mut rx = self.exit.clone();
+        timeout(within, rx.wait_for(Option::is_some)).await.is_ok()
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        if self.exit_status().is_none() {
+            signal_group(self.pid, Signal::SIGKILL);
+        }
+        // Aborting the exit watcher is harmless: the reaper still reaps the process
+        // and discards the status nobody waits for any more.
+        for t in self.tasks.iter().chain(&self.channel_tasks) {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.conn_file);
+    }
+}
+
+/// Cleans up a kernel whose start failed before `Kernel` existed.
+struct PartialKernel {
+    pid: i32,
+    tasks: Vec<JoinHandle<()>>,
+    conn_file: Option<PathBuf>,
+}
+
+impl PartialKernel {
+    fn kill(&mut self) {
+        signal_group(self.pid, Signal::SIGKILL);
+    }
+    fn disarm(&mut self) {
+        self.tasks.clear();
+        self.conn_file = None;
+        self.pid = 0;
+    }
+}
+
+impl Drop for PartialKernel {
+    fn drop(&mut self) {
+        if self.pid > 0 {
+            signal_group(self.pid, Signal::SIGKILL);
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(f) = &self.conn_file {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+fn signal_group(pgid: i32, sig: Signal) {
+    if pgid <= 1 {
+        return;
+    }
+    if let Err(e) = killpg(Pid::from_raw(pgid), sig)
+        && e != nix::errno::Errno::ESRCH
+    {
+        tracing::warn!(pgid, ?sig, error = %e, "cannot signal kernel process group");
+    }
+}
+
+fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
+    let t = tail.lock().unwrap_or_else(|p| p.into_inner());
+    t.iter().cloned().collect::<Vec<_>>().join("\n")
+}
+
+fn exit_detail(status: Option<&ExitStatus>, tail: &Mutex<VecDeque<String>>) -> String {
+    let how = status
+        .map(describe_exit)
+        .unwrap_or_else(|| "unknown status".into());
+    let t = tail_text(tail);
+    if t.is_empty() {
+        format!("kernel exited during startup ({how})")
+    } else {
+        format!("kernel exited during startup ({how}): {t}")
+    }
+}
+
+fn spawn_log_reader<R>(
+    pipe: R,
+    label: String,
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+) -> JoinHandle<()>
+where
+    R: IntoTokioPipe,
+{
+    tokio::spawn(async move {
+        let Some(reader) = pipe.into_tokio() else {
+            return;
+        };
+        let mut lines = tokio::io::BufReader::new(reader).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::debug!(context = %label, "kernel: {line}");
+            if let Some(t) = &tail {
+                let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+                if t.len() == STDERR_TAIL {
+                    t.pop_front();
+                }
+                t.push_back(line);
+            }
+        }
+    })
+}
+
+/// Turns a std child pipe into a tokio reader.
+trait IntoTokioPipe: Send + 'static {
+    type Reader: tokio::io::AsyncRead + Unpin + Send;
+    fn into_tokio(self) -> Option<Self::Reader>;
+}
+
+impl IntoTokioPipe for std::process::ChildStdout {
+    type Reader = tokio::process::ChildStdout;
+    fn into_tokio(self) -> Option<Self::Reader> {
+        tokio::process::ChildStdout::from_std(self).ok()
+    }
+}
+
+impl IntoTokioPipe for std::process::ChildStderr {
+    type Reader = tokio::process::ChildStderr;
+    fn into_tokio(self) -> Option<Self::Reader> {
+        tokio::process::ChildStderr::from_std(self).ok()
+    }
+}
+
+fn spawn_reader<S>(
+    mut sock: S,
+    channel: Channel,
+    signer: Signer,
+    tx: mpsc::UnboundedSender<Event>,
+    label: String,
+) -> JoinHandle<()>
+where
+    S: SocketRecv + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match sock.recv().await {
+                Ok(zmsg) => {
+                    let frames = zmsg.into_vec();
+                    match signer.decode(&frames) {
+                        Ok(msg) => {
+                            tracing::trace!(context = %label, ?channel, msg_type = msg.msg_type(), "kernel message");
+                            if tx.send(Event::Msg(channel, Box::new(msg))).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(context = %label, ?channel, error = %e, "dropping undecodable kernel message")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(context = %label, ?channel, error = %e, "kernel channel closed");
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// Pings the heartbeat channel every 3 s; reports a loss after 3 missed beats and the
+/// recovery after that.
+fn spawn_heartbeat(port: u16, tx: mpsc::UnboundedSender<Event>, label: String) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut misses = 0u32;
+        let mut lost = false;
+        let mut sock: Option<ReqSocket> = None;
+        loop {
+            sleep(Duration::from_secs(3)).await;
+            if sock.is_none() {
+                let mut s = ReqSocket::with_options(socket_options(None));
+                match timeout(Duration::from_secs(3), s.connect(&endpoint(port))).await {
+                    Ok(Ok(())) => sock = Some(s),
+                    _ => {
+                        misses += 1;
+                    }
+                }
+            }
+            if let Some(s) = sock.as_mut() {
+                let beat = async {
+                    s.send(ZmqMessage::from("ping")).await?;
+                    s.recv().await
+                };
+                match timeout(Duration::from_secs(3), beat).await {
+                    Ok(Ok(_)) => misses = 0,
+                    _ => {
+                        misses += 1;
+                        // A REQ socket that missed its reply cannot send again.
+                        sock = None;
+                    }
+                }
+            }
+            if misses >= 3 && !lost {
+                lost = true;
+                tracing::warn!(context = %label, "kernel heartbeat lost");
+                if tx.send(Event::Heartbeat(false)).is_err() {
+                    return;
+                }
+            } else if misses == 0 && lost {
+                lost = false;
+                tracing::info!(context = %label, "kernel heartbeat back");
+                if tx.send(Event::Heartbeat(true)).is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}

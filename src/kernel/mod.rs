@@ -1,0 +1,143 @@
+//! The kernel bridge's domain: kernelspecs, kernel processes, the Jupyter messaging
+//! protocol over ZeroMQ, contexts and executions. No HTTP here; the port-49999 surface
+//! lives in `code_interpreter`.
+//!
+//! Module map:
+//! * [`spec`]: kernelspec discovery and the language -> kernel mapping
+//! * [`wire`]: message envelopes, HMAC signing, frame layout
+//! * `instance`: one kernel process and its sockets (start, readiness, interrupt, teardown)
+//! * `context`: a context's worker (FIFO executions, env and cwd, restarts)
+//! * [`exec`]: execution outputs, completion tracking, the output queue
+//! * [`lang`]: language normalization and per-language setup snippets
+//! * `manager`: the registry ([`KernelManager`])
+
+pub mod exec;
+pub mod lang;
+pub mod spec;
+pub mod time;
+pub mod wire;
+
+mod context;
+mod instance;
+mod manager;
+
+use std::sync::Arc;
+
+pub use context::ContextInfo;
+pub use exec::{ExecError, ExecResult, ExecStream, Output};
+pub use manager::{DEFAULT_CWD, ExecuteRequest, KernelManager, KernelOptions};
+pub use spec::{LanguageMap, SpecResolver};
+
+/// Errors of the kernel bridge. Display texts are the HTTP bodies the contract asks
+/// for; [`KernelError::kind`] tells the transport which status class applies.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("Context {0} not found")]
+    NotFound(String),
+    #[error("Only one of context_id or language can be provided")]
+    BothTargets,
+    #[error("{0}")]
+    InvalidEnv(#[from] lang::EnvKeyError),
+    #[error("Failed to create context: no kernel is installed for language '{0}'")]
+    NoKernel(String),
+    #[error("Failed to set working directory: {0}: {1}")]
+    Cwd(String, String),
+    #[error("Failed to create context: {0}")]
+    Start(String),
+    #[error("kernel channel error: {0}")]
+    Channel(String),
+    #[error("Failed to restart context {0}: {1}")]
+    Restart(String, String),
+    #[error("Context {0} is unavailable: {1}")]
+    Unavailable(String, String),
+}
+
+/// How a [`KernelError`] maps onto the transport's status classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Unknown context (404).
+    NotFound,
+    /// The request itself is invalid (400).
+    BadRequest,
+    /// The server failed (500).
+    Internal,
+}
+
+impl KernelError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            KernelError::NotFound(_) => ErrorKind::NotFound,
+            KernelError::BothTargets | KernelError::InvalidEnv(_) => ErrorKind::BadRequest,
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+impl KernelOptions {
+    /// Options from guestd's configuration: `--kernelspec-dir` first, then the standard
+    /// Jupyter data dirs; language map from `GUESTD_KERNEL_MAP`; contexts default to
+    /// `/home/user`; `GUESTD_INTERRUPT_RESTART_SECS` sets how long an interrupted
+    /// execution may run on before its kernel is restarted (default 10; 0 = never).
+    pub fn from_config(config: &crate::config::Config) -> KernelOptions {
+        KernelOptions {
+            resolver: SpecResolver {
+                dirs: spec::default_search_dirs(&config.kernelspec_dirs),
+                languages: LanguageMap::from_env(),
+            },
+            default_cwd: DEFAULT_CWD.to_string(),
+            interrupt_restart: std::env::var("GUESTD_INTERRUPT_RESTART_SECS")
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                // 0: never restart (wait for the interrupted execution however long).
+                .map(|s| std::time::Duration::from_secs(if s == 0 { 30 * 86_400 } else { s }))
+                .unwrap_or(context::DEFAULT_INTERRUPT_RESTART),
+        }
+    }
+}
+
+/// Starts the kernel bridge's domain (contract §6.3, §9): creates the default Python
+/// context, and the JavaScript one when a JavaScript kernel is installed, before
+/// returning. `Ok(None)` when the bridge is disabled or no Python kernelspec exists;
+/// the caller binds the code-interpreter port only on `Ok(Some(_))`.
+pub async fn start(
+    config: &crate::config::Config,
+    env: crate::env::GlobalEnv,
+) -> Result<Option<Arc<KernelManager>>, KernelError> {
+    if !config.code_interpreter {
+        tracing::info!("kernel bridge disabled");
+        return Ok(None);
+    }
+    let mgr = Arc::new(KernelManager::new(KernelOptions::from_config(config), env));
+    start_with(mgr).await
+}
+
+/// [`start`] with a prepared manager (tests and custom setups).
+pub async fn start_with(
+    mgr: Arc<KernelManager>,
+) -> Result<Option<Arc<KernelManager>>, KernelError> {
+    if !mgr.has_kernel("python") {
+        tracing::warn!("no Python kernelspec found; the code interpreter is not served");
+        return Ok(None);
+    }
+    let started = std::time::Instant::now();
+    // One after the other: creation order is the order `GET /contexts` lists them in.
+    let py = mgr.default_context("python").await?;
+    tracing::info!(context = %py.id, "default Python context ready");
+    let js = if mgr.has_kernel("javascript") {
+        Some(mgr.default_context("javascript").await)
+    } else {
+        None
+    };
+    match js {
+        Some(Ok(c)) => tracing::info!(context = %c.id, "default JavaScript context ready"),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "default JavaScript context failed; JavaScript will be retried on first use")
+        }
+        None => tracing::info!("no JavaScript kernel installed"),
+    }
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "kernel bridge ready"
+    );
+    Ok(Some(mgr))
+}

@@ -40,7 +40,8 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     } else {
         None
     };
-    let agent = crate::api::Agent::new(&config, &env, metrics, connections.clone(), cgroups);
+    let agent =
+        crate::api::Agent::new(&config, &env, metrics, connections.clone(), cgroups.clone());
 
     let addr = SocketAddr::new(config.listen, config.port);
     let listener = TcpListener::bind(addr)
@@ -63,6 +64,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         Some(tokio::spawn(serve_code_interpreter(
             config.clone(),
             env.clone(),
+            cgroups.clone(),
             shutdown.clone(),
         )))
     } else {
@@ -95,9 +97,10 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
 async fn serve_code_interpreter(
     config: Config,
     env: crate::env::GlobalEnv,
+    cgroups: Option<Arc<crate::sys::cgroup::Cgroups>>,
     shutdown: CancellationToken,
 ) -> Option<Arc<crate::kernel::KernelManager>> {
-    let mgr = match crate::kernel::start(&config, env).await {
+    let mgr = match crate::kernel::start(&config, env, cgroups).await {
         Ok(Some(mgr)) => mgr,
         Ok(None) => {
             tracing::info!("no Python kernelspec found: the kernel bridge is off");

@@ -1230,6 +1230,7 @@ async fn global_env_changes_are_reapplied_in_process() {
             },
             default_cwd: "/home/user".into(),
             interrupt_restart: Duration::from_secs(10),
+            cgroups: None,
         },
         env.clone(),
     );

@@ -600,7 +600,10 @@ struct TestCgroup {
 
 impl TestCgroup {
     fn create() -> TestCgroup {
-        let rel = format!("/guestd-ci-{}", std::process::id());
+        // Unique per test: tests of this binary run in parallel.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let rel = format!("/guestd-ci-{}-{n}", std::process::id());
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
         let mut dirs = Vec::new();
         for line in mounts.lines() {
@@ -844,4 +847,85 @@ async fn fork_bomb_and_memory_hog_do_not_take_the_agent_down() {
     // The agent still works normally.
     let env = run_env(&c, &[("X", "after")]).await;
     assert_eq!(env["X"], "after");
+}
+
+/// NDJSON lines of one `/execute`.
+async fn execute_lines(c: &common::Client, code: &str) -> Vec<serde_json::Value> {
+    let (st, _, body) = c
+        .fetch(
+            Method::POST,
+            "/execute",
+            &[("content-type", "application/json")],
+            serde_json::json!({ "code": code }).to_string(),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    body.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("NDJSON"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_memory_hog_in_a_kernel_is_confined_to_the_user_cgroup() {
+    if !std::path::Path::new("/opt/guestd/python/bin/python").exists() {
+        assert!(
+            std::env::var_os("GUESTD_REQUIRE_ALL_KERNELS").is_none(),
+            "kernels are not installed"
+        );
+        eprintln!("SKIP: kernels not installed (packaging/kernels/install.sh)");
+        return;
+    }
+    let cg = TestCgroup::create();
+    let mut g = Guestd::start_with(&[
+        "--default-user",
+        "root",
+        "--cgroup-root",
+        &cg.rel,
+        "--user-memory-max",
+        "536870912",
+    ]);
+    let code = common::Client::new(&format!("http://127.0.0.1:{}", g.code_port));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::net::TcpStream::connect(("127.0.0.1", g.code_port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "kernel bridge not ready: {}",
+            g.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        count_leaf_members(&cg) >= 1,
+        "the default kernels run in leaves of the user group"
+    );
+    let lines = execute_lines(
+        &code,
+        "x = []\nwhile True:\n    x.append(bytearray(16 << 20))",
+    )
+    .await;
+    let err = lines
+        .iter()
+        .find(|l| l["type"] == "error")
+        .expect("an error line");
+    assert_eq!(err["name"], "ContextRestarting", "{lines:?}");
+    assert!(g.is_alive());
+    let (st, _, _) = g.client().fetch(Method::GET, "/health", &[], "").await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    // The context comes back (restarted kernel) and runs code again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lines = execute_lines(&code, "1 + 1").await;
+        if lines
+            .iter()
+            .any(|l| l["type"] == "result" && l["text"] == "2")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "context did not recover: {lines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

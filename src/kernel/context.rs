@@ -76,6 +76,7 @@ impl ContextHandle {
         resolver: SpecResolver,
         env: GlobalEnv,
         interrupt_restart: Duration,
+        cgroups: Option<Arc<crate::sys::cgroup::Cgroups>>,
     ) -> Result<ContextHandle, KernelError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let failed = Arc::new(Mutex::new(None));
@@ -98,6 +99,7 @@ impl ContextHandle {
             hb_lost_since: None,
             idle_since: Instant::now(),
             interrupt_restart,
+            cgroups,
         };
         worker.start_kernel().await?;
         tokio::spawn(worker.run());
@@ -174,6 +176,8 @@ struct Worker {
     idle_since: Instant,
     /// How long an interrupted execution may run on before the kernel is restarted.
     interrupt_restart: Duration,
+    /// Where each (re)started kernel gets its own leaf of the user cgroup.
+    cgroups: Option<Arc<crate::sys::cgroup::Cgroups>>,
 }
 
 /// Runs a silent request to completion (or error/death/timeout), discarding output.
@@ -262,6 +266,7 @@ impl Worker {
             label: &self.info.id,
             cwd: Path::new(&self.info.cwd),
             env: &pairs,
+            cgroups: self.cgroups.as_deref(),
         })
         .await?;
         let lang = self.info.language.clone();

@@ -98,6 +98,8 @@ pub struct Kernel {
     label: String,
     /// `implementation` from `kernel_info_reply` (e.g. `ipython`, `deno`).
     implementation: String,
+    /// The kernel's cgroup leaf, removed once the kernel is gone.
+    leaf: Option<Arc<crate::sys::cgroup::Leaf>>,
 }
 
 struct Ports {
@@ -203,6 +205,8 @@ pub struct StartParams<'a> {
     pub cwd: &'a Path,
     /// Extra process environment (the global env), below the kernelspec's `env`.
     pub env: &'a [(String, String)],
+    /// The user cgroup; the kernel gets its own leaf in it.
+    pub cgroups: Option<&'a crate::sys::cgroup::Cgroups>,
 }
 
 impl Kernel {
@@ -251,12 +255,32 @@ impl Kernel {
         for (k, v) in &p.spec.env {
             cmd.env(k, v);
         }
-        // Kernels run user code: the OOM killer should prefer them to the agent, as it
-        // does user commands (contract 6.2).
+        // Kernels run user code: like user commands they join their own leaf of the user
+        // cgroup (its pids and memory limits) and the OOM killer should prefer them to
+        // the agent (contract 6.2).
+        let leaf = p.cgroups.and_then(|c| match c.create_leaf() {
+            Ok(l) => Some(Arc::new(l)),
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel runs without its own cgroup");
+                None
+            }
+        });
+        let procs: Vec<std::ffi::CString> = leaf
+            .as_ref()
+            .map(|l| l.procs_files().to_vec())
+            .unwrap_or_default();
         // SAFETY: the closure runs between fork and exec and only makes raw open/write/
-        // close syscalls on a static path; it allocates nothing and takes no locks.
+        // close syscalls on paths prepared before the fork; it allocates nothing and
+        // takes no locks.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                for path in &procs {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd >= 0 {
+                        libc::write(fd, b"0".as_ptr().cast(), 1);
+                        libc::close(fd);
+                    }
+                }
                 let fd = libc::open(
                     c"/proc/self/oom_score_adj".as_ptr(),
                     libc::O_WRONLY | libc::O_CLOEXEC,
@@ -273,6 +297,9 @@ impl Kernel {
             Ok(x) => x,
             Err(e) => {
                 let _ = std::fs::remove_file(&conn_file);
+                if let Some(l) = &leaf {
+                    l.remove();
+                }
                 return Err(fail(format!("cannot run {}: {e}", argv[0])));
             }
         };
@@ -311,6 +338,7 @@ impl Kernel {
             pid,
             tasks,
             conn_file: Some(conn_file),
+            leaf,
         };
         let identity = PeerIdentity::try_from(Bytes::from(session.clone().into_bytes()))
             .map_err(|e| fail(format!("bad identity: {e}")))?;
@@ -409,6 +437,7 @@ impl Kernel {
             stderr_tail,
             label,
             implementation: String::new(),
+            leaf: kernel_partial.leaf.take(),
         };
         kernel_partial.disarm();
         kernel.wait_ready().await?;
@@ -621,6 +650,9 @@ impl Drop for Kernel {
             t.abort();
         }
         let _ = std::fs::remove_file(&self.conn_file);
+        if let Some(leaf) = self.leaf.take() {
+            leaf.remove_when_empty();
+        }
     }
 }
 
@@ -629,6 +661,7 @@ struct PartialKernel {
     pid: i32,
     tasks: Vec<JoinHandle<()>>,
     conn_file: Option<PathBuf>,
+    leaf: Option<Arc<crate::sys::cgroup::Leaf>>,
 }
 
 impl PartialKernel {
@@ -652,6 +685,9 @@ impl Drop for PartialKernel {
         }
         if let Some(f) = &self.conn_file {
             let _ = std::fs::remove_file(f);
+        }
+        if let Some(leaf) = self.leaf.take() {
+            leaf.remove_when_empty();
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct KernelOptions {
     /// After a client disconnect, how long the interrupted execution may run on before
     /// the kernel is restarted.
     pub interrupt_restart: std::time::Duration,
+    /// Each kernel runs in its own leaf of the user cgroup (its code is user code).
+    pub cgroups: Option<Arc<crate::sys::cgroup::Cgroups>>,
 }
 
 #[derive(Default)]
@@ -114,6 +116,7 @@ impl KernelManager {
                 self.opts.resolver.clone(),
                 self.env.clone(),
                 self.opts.interrupt_restart,
+                self.opts.cgroups.clone(),
             )
             .await?,
         );

@@ -91,6 +91,7 @@ impl KernelOptions {
                 // 0: never restart (wait for the interrupted execution however long).
                 .map(|s| std::time::Duration::from_secs(if s == 0 { 30 * 86_400 } else { s }))
                 .unwrap_or(context::DEFAULT_INTERRUPT_RESTART),
+            cgroups: None,
         }
     }
 }
@@ -102,12 +103,15 @@ impl KernelOptions {
 pub async fn start(
     config: &crate::config::Config,
     env: crate::env::GlobalEnv,
+    cgroups: Option<Arc<crate::sys::cgroup::Cgroups>>,
 ) -> Result<Option<Arc<KernelManager>>, KernelError> {
     if !config.code_interpreter {
         tracing::info!("kernel bridge disabled");
         return Ok(None);
     }
-    let mgr = Arc::new(KernelManager::new(KernelOptions::from_config(config), env));
+    let mut opts = KernelOptions::from_config(config);
+    opts.cgroups = cgroups;
+    let mgr = Arc::new(KernelManager::new(opts, env));
     start_with(mgr).await
 }
 

@@ -119,7 +119,7 @@ struct Proc {
     /// Why guestd killed the process, for the end log.
     kill_reason: Mutex<Option<&'static str>>,
     /// The command's own cgroup, when guestd manages cgroups.
-    leaf: Option<Leaf>,
+    leaf: Option<Arc<Leaf>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -403,7 +403,7 @@ async fn start_inner(shared: Arc<Shared>, spec: StartSpec) -> Result<Subscriptio
     let stdin = spec.stdin && spec.pty.is_none();
     let leaf = match &cfg.cgroups {
         Some(cg) => match cg.create_leaf() {
-            Ok(l) => Some(l),
+            Ok(l) => Some(Arc::new(l)),
             Err(e) => {
                 tracing::warn!(error = %e, "command runs without its own cgroup");
                 None
@@ -572,7 +572,7 @@ async fn supervise(
         if leaf.oom_kills() > 0 {
             info = info.with_oom_kill();
         }
-        release_leaf(proc.clone());
+        leaf.clone().remove_when_empty();
     }
     proc.close_io();
     let retention = if let Some(shared) = shared.upgrade() {
@@ -609,25 +609,6 @@ async fn supervise(
             reg.prune(retention);
         }
     }
-}
-
-/// Removes the command's cgroup leaf once it is empty. Members left behind (daemons
-/// that outlived the command) keep it alive; they are checked every few seconds and the
-/// leaf goes when they do.
-fn release_leaf(proc: Arc<Proc>) {
-    if proc.leaf.as_ref().is_some_and(|l| l.remove()) {
-        return;
-    }
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(200);
-        loop {
-            tokio::time::sleep(delay).await;
-            if proc.leaf.as_ref().is_none_or(|l| l.remove()) {
-                return;
-            }
-            delay = (delay * 2).min(Duration::from_secs(30));
-        }
-    });
 }
 
 /// Reads one stream until EOF (EIO on a PTY master is the normal end), publishing each

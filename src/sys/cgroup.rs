@@ -389,6 +389,24 @@ impl Leaf {
         }
     }
 
+    /// Removes the leaf once it is empty: now if possible, else from a background task
+    /// that retries with backoff (members such as daemons may outlive their command).
+    pub fn remove_when_empty(self: std::sync::Arc<Self>) {
+        if self.remove() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let mut delay = std::time::Duration::from_millis(200);
+            while !self.remove() {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+            }
+        });
+    }
+
     /// Removes the leaf directories; false while a member still lives (retry later).
     pub fn remove(&self) -> bool {
         let mut all = true;

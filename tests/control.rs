@@ -627,7 +627,15 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        // Bottom-up removal of everything below our directories (leaves, then groups).
+        // Stragglers first (a failed test may leave processes behind), then bottom-up
+        // removal of everything below our directories (leaves, then groups).
+        for d in &self.dirs {
+            let _ = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("cat $(find {} -name cgroup.procs) 2>/dev/null | xargs -r kill -9", d.display()))
+                .status();
+        }
+        std::thread::sleep(Duration::from_millis(200));
         for d in &self.dirs {
             let _ = std::process::Command::new("sh")
                 .arg("-c")

@@ -113,7 +113,17 @@ impl Guestd {
 }
 
 impl Drop for Guestd {
+    /// SIGTERM first, so guestd shuts its kernels down; SIGKILL after 10 s.
     fn drop(&mut self) {
+        // SAFETY: kill(2) on the pid of our own child; no memory is involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

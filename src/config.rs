@@ -101,6 +101,20 @@ pub struct Cli {
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
 
+    /// `POST /files`: an upload whose body sends nothing for this many seconds fails
+    /// (408) and leaves the previous file as it was.
+    #[arg(long, default_value_t = 60, env = "GUESTD_UPLOAD_IDLE_TIMEOUT_SECS")]
+    pub upload_idle_timeout_secs: u64,
+
+    /// Polling watchers (CreateWatcher) not polled for this many seconds are removed.
+    #[arg(long, default_value_t = 600)]
+    pub watcher_idle_timeout_secs: u64,
+
+    /// Events a polling watcher buffers between two GetWatcherEvents; one more fails the
+    /// watcher with an error that says events were lost.
+    #[arg(long, default_value_t = 16_384)]
+    pub watcher_queue_events: usize,
+
     /// Files `/init` writes (CA store, hosts, sandbox identity). For tests only.
     #[arg(long, hide = true)]
     pub init_paths_root: Option<PathBuf>,
@@ -124,6 +138,9 @@ pub struct Config {
     pub in_vm: bool,
     pub cgroups: bool,
     pub cgroup_root: Option<PathBuf>,
+    pub upload_idle_timeout: Duration,
+    pub watcher_idle_timeout: Duration,
+    pub watcher_queue_events: usize,
 }
 
 impl From<&Cli> for Config {
@@ -144,6 +161,9 @@ impl From<&Cli> for Config {
             in_vm: !c.not_in_vm,
             cgroups: !c.no_cgroups,
             cgroup_root: c.cgroup_root.clone(),
+            upload_idle_timeout: Duration::from_secs(c.upload_idle_timeout_secs.max(1)),
+            watcher_idle_timeout: Duration::from_secs(c.watcher_idle_timeout_secs.max(1)),
+            watcher_queue_events: c.watcher_queue_events.max(1),
         }
     }
 }

@@ -21,6 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config
         .bytes(["."])
         .compile_well_known_types()
+        // Timestamps get our own type: pbjson's writes `+00:00`, the contract (§1.4) and
+        // protobuf-es (the JS SDK) need `Z`.
+        .extern_path(".google.protobuf.Timestamp", "crate::proto::Timestamp")
         .extern_path(".google.protobuf", "::pbjson_types")
         .out_dir(&out);
     config.compile_fds(fds.clone())?;

@@ -110,6 +110,20 @@ pub struct Cli {
     #[arg(long)]
     pub user_memory_max: Option<u64>,
 
+    /// `POST /files`: an upload whose body sends nothing for this many seconds fails
+    /// (408) and leaves the previous file as it was.
+    #[arg(long, default_value_t = 60, env = "GUESTD_UPLOAD_IDLE_TIMEOUT_SECS")]
+    pub upload_idle_timeout_secs: u64,
+
+    /// Polling watchers (CreateWatcher) not polled for this many seconds are removed.
+    #[arg(long, default_value_t = 600)]
+    pub watcher_idle_timeout_secs: u64,
+
+    /// Events a polling watcher buffers between two GetWatcherEvents; one more fails the
+    /// watcher with an error that says events were lost.
+    #[arg(long, default_value_t = 16_384)]
+    pub watcher_queue_events: usize,
+
     /// Files `/init` writes (CA store, hosts, sandbox identity). For tests only.
     #[arg(long, hide = true)]
     pub init_paths_root: Option<PathBuf>,
@@ -134,6 +148,9 @@ pub struct Config {
     pub cgroups: bool,
     pub cgroup_root: Option<PathBuf>,
     pub cgroup_limits: crate::sys::cgroup::Limits,
+    pub upload_idle_timeout: Duration,
+    pub watcher_idle_timeout: Duration,
+    pub watcher_queue_events: usize,
 }
 
 impl From<&Cli> for Config {
@@ -161,6 +178,9 @@ impl From<&Cli> for Config {
                     memory_max: c.user_memory_max.or(d.memory_max),
                 }
             },
+            upload_idle_timeout: Duration::from_secs(c.upload_idle_timeout_secs.max(1)),
+            watcher_idle_timeout: Duration::from_secs(c.watcher_idle_timeout_secs.max(1)),
+            watcher_queue_events: c.watcher_queue_events.max(1),
         }
     }
 }

@@ -632,7 +632,10 @@ impl Drop for TestCgroup {
         for d in &self.dirs {
             let _ = std::process::Command::new("sh")
                 .arg("-c")
-                .arg(format!("cat $(find {} -name cgroup.procs) 2>/dev/null | xargs -r kill -9", d.display()))
+                .arg(format!(
+                    "cat $(find {} -name cgroup.procs) 2>/dev/null | xargs -r kill -9",
+                    d.display()
+                ))
                 .status();
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -5,6 +5,8 @@
 //! so unknown paths are 401 too while a token is set).
 
 pub mod control;
+pub mod files;
+pub mod filesystem;
 pub mod health;
 pub mod metrics;
 pub mod process;
@@ -43,6 +45,10 @@ pub struct Agent {
     pub metrics: Arc<crate::metrics::Ring>,
     pub connections: Arc<ConnCounter>,
     pub limits: Limits,
+    /// The polling watchers of CreateWatcher / GetWatcherEvents / RemoveWatcher.
+    pub watchers: Arc<crate::filesystem::WatcherRegistry>,
+    /// `POST /files`: a body read that waits longer than this fails the upload.
+    pub upload_idle_timeout: std::time::Duration,
 }
 
 impl Agent {
@@ -64,6 +70,22 @@ impl Agent {
             cgroups,
         });
         let token = Arc::new(AccessToken::default());
+        // Recursive watches of a template's tree need more than the kernel's 8192.
+        crate::filesystem::raise_inotify_limits();
+        let watchers = Arc::new(crate::filesystem::WatcherRegistry::new(
+            crate::filesystem::RegistryConfig {
+                queue_capacity: config.watcher_queue_events,
+                idle_timeout: config.watcher_idle_timeout,
+            },
+        ));
+        // Polling watchers nobody polls expire (contract §7 "Watcher leaks").
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let every = (config.watcher_idle_timeout / 4).clamp(
+                std::time::Duration::from_millis(100),
+                std::time::Duration::from_secs(30),
+            );
+            watchers.spawn_sweeper(every);
+        }
         let init = Initializer::new(
             token.clone(),
             env.clone(),
@@ -85,6 +107,8 @@ impl Agent {
             limits: Limits {
                 max_message_bytes: config.max_message_bytes,
             },
+            watchers,
+            upload_idle_timeout: config.upload_idle_timeout,
         })
     }
 
@@ -101,7 +125,7 @@ impl Agent {
 
     /// Live filesystem watchers (for metrics).
     pub fn watcher_count(&self) -> usize {
-        0
+        self.watchers.stats().watchers
     }
 
     /// The user a call acts as: the `Authorization: Basic` name, else the default user.
@@ -181,6 +205,15 @@ async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
             None => not_found(&path),
         };
     }
+    if let Some(rpc) = path.strip_prefix("/filesystem.Filesystem/") {
+        if method != Method::POST {
+            return method_not_allowed("POST");
+        }
+        return match filesystem::route(&agent, rpc, req).await {
+            Some(resp) => resp,
+            None => not_found(&path),
+        };
+    }
     match (path.as_str(), &method) {
         ("/health", &Method::GET | &Method::HEAD) => health::health(),
         ("/health", _) => method_not_allowed("GET"),
@@ -190,6 +223,11 @@ async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
         ("/envs", _) => method_not_allowed("GET"),
         ("/init", &Method::POST) => control::init(&agent, req).await,
         ("/init", _) => method_not_allowed("POST"),
+        ("/files", &Method::GET) => files::download(&agent, req).await,
+        ("/files", &Method::POST) => files::upload(&agent, req).await,
+        ("/files", _) => method_not_allowed("GET, POST"),
+        ("/files/compose", &Method::POST) => files::compose(&agent, req).await,
+        ("/files/compose", _) => method_not_allowed("POST"),
         _ => not_found(&path),
     }
 }

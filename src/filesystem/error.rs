@@ -59,8 +59,8 @@ pub enum FsError {
     /// Anything else the client got wrong (bad metadata, wrong kind of entry, …).
     #[error("{0}")]
     InvalidArgument(String),
-    /// EACCES/EPERM from the kernel (the agent runs as root, so: immutable files,
-    /// read-only bind mounts and the like).
+    /// EACCES/EPERM/EROFS from the kernel (the agent runs as root, so: immutable files,
+    /// read-only mounts and the like).
     #[error("permission denied: {op} {}: {source}", path.display())]
     PermissionDenied {
         op: &'static str,
@@ -156,18 +156,20 @@ impl FsError {
     }
 
     /// Maps an I/O error of operation `op` on `path`: ELOOP → [`FsError::SymlinkLoop`],
-    /// EACCES/EPERM → [`FsError::PermissionDenied`], everything else → [`FsError::Io`].
+    /// EACCES/EPERM/EROFS → [`FsError::PermissionDenied`], everything else → [`FsError::Io`].
     /// ENOENT and ENOSPC are not special here: callers that give them a meaning check first.
     pub(crate) fn io(op: &'static str, path: &Path, e: io::Error) -> Self {
         match e.raw_os_error() {
             Some(libc::ELOOP) => FsError::SymlinkLoop {
                 path: path.to_path_buf(),
             },
-            Some(libc::EACCES) | Some(libc::EPERM) => FsError::PermissionDenied {
-                op,
-                path: path.to_path_buf(),
-                source: Arc::new(e),
-            },
+            Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+                FsError::PermissionDenied {
+                    op,
+                    path: path.to_path_buf(),
+                    source: Arc::new(e),
+                }
+            }
             _ => FsError::Io {
                 op,
                 path: path.to_path_buf(),
@@ -238,6 +240,13 @@ mod tests {
         );
         assert_eq!(e.class(), ErrorClass::PermissionDenied);
         assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+        let e = FsError::io(
+            "cannot create",
+            Path::new("/ro/f"),
+            io::Error::from_raw_os_error(libc::EROFS),
+        );
+        assert_eq!(e.class(), ErrorClass::PermissionDenied);
+        assert!(e.to_string().contains("Read-only file system"), "{e}");
 
         let e = FsError::WatchLimit {
             path: "/w".into(),

@@ -44,21 +44,38 @@ impl Guestd {
     pub fn start_with(extra: &[&str]) -> Guestd {
         let mut args = vec!["--no-port-forward"];
         args.extend_from_slice(extra);
-        Self::launch(&args)
+        Self::launch(&[], &args)
     }
 
     /// guestd with port forwarding on (the default of the binary).
     pub fn start_forwarding(extra: &[&str]) -> Guestd {
-        Self::launch(extra)
+        Self::launch(&[], extra)
     }
 
-    fn launch(extra: &[&str]) -> Guestd {
+    /// guestd run through `wrapper` (a command and its arguments that exec the rest of
+    /// the command line, e.g. `unshare -U -r`), with `extra` flags (forwarding off).
+    pub fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> Guestd {
+        let mut args = vec!["--no-port-forward"];
+        args.extend_from_slice(extra);
+        Self::launch(wrapper, &args)
+    }
+
+    fn launch(wrapper: &[&str], extra: &[&str]) -> Guestd {
         let port = free_port();
         let code_port = free_port();
         let logdir = tempfile::tempdir().expect("tempdir");
         let log = logdir.path().join("guestd.log");
         let logfile = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_guestd"))
+        let bin = env!("CARGO_BIN_EXE_guestd");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .args(["--listen", "127.0.0.1", "--port", &port.to_string()])
             .args(["--code-port", &code_port.to_string()])
             .args(extra)
@@ -364,6 +381,55 @@ impl RawStream {
 
 pub fn hv(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).expect("header value")
+}
+
+/// A non-root account for ownership tests (`guestdtest`, home `/home/guestdtest`),
+/// created when missing. Returns (name, uid, gid, home).
+pub fn ensure_test_user() -> (&'static str, u32, u32, std::path::PathBuf) {
+    const NAME: &str = "guestdtest";
+    let lookup = || nix::unistd::User::from_name(NAME).ok().flatten();
+    if lookup().is_none() {
+        let _ = Command::new("groupadd").arg("guestdextra").status();
+        let _ = Command::new("useradd")
+            .args(["-m", "-s", "/bin/bash", "-G", "guestdextra", NAME])
+            .status();
+    }
+    let u = lookup().expect("test user exists");
+    let _ = std::fs::create_dir_all(&u.dir);
+    (NAME, u.uid.as_raw(), u.gid.as_raw(), u.dir)
+}
+
+/// `/files?…` with the pairs form-encoded.
+pub fn files_url(pairs: &[(&str, &str)]) -> String {
+    let mut s = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        s.append_pair(k, v);
+    }
+    format!("/files?{}", s.finish())
+}
+
+/// A multipart/form-data body: (field name, filename, data) per part.
+pub fn multipart_body(boundary: &str, parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (name, filename, data) in parts {
+        b.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match filename {
+            Some(f) => b.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\
+                     Content-Type: application/octet-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            ),
+            None => b.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        b.extend_from_slice(data);
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    b
 }
 
 /// `Authorization: Basic base64("<user>:")`.

@@ -124,7 +124,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let g = Guestd::start();
+    // Extra guestd flags for experiments, e.g. GUESTD_BENCH_ARGS=--no-cgroups.
+    let extra = std::env::var("GUESTD_BENCH_ARGS").unwrap_or_default();
+    let mut args = vec!["--default-user", "root", "--no-code-interpreter"];
+    args.extend(extra.split_whitespace());
+    let g = Guestd::start_with(&args);
     let client = g.client();
 
     // Warm up both sides.

@@ -568,11 +568,8 @@ async fn supervise(
     }
 
     let mut info = ExitInfo::from_status(status);
-    if let Some(leaf) = &proc.leaf {
-        if leaf.oom_kills() > 0 {
-            info = info.with_oom_kill();
-        }
-        leaf.clone().remove_when_empty();
+    if proc.leaf.as_ref().is_some_and(|l| l.oom_kills() > 0) {
+        info = info.with_oom_kill();
     }
     proc.close_io();
     let retention = if let Some(shared) = shared.upgrade() {
@@ -598,6 +595,10 @@ async fn supervise(
         "process ended"
     );
     proc.hub.finish(info).await;
+    // After the End went out: removing the leaf is not on the client's path.
+    if let Some(leaf) = &proc.leaf {
+        leaf.clone().remove_when_empty();
+    }
     // The registry holds the retained entry; this task must not extend its life.
     drop(proc);
 

@@ -1,11 +1,13 @@
-//! The fork/exec executor (contract 3.3.2).
+//! The spawn executor (contract 3.3.2).
 //!
-//! Everything the child needs is prepared before `fork` (the [`SpawnPlan`] plus raw
-//! pointer arrays into it, every file descriptor); after `fork` the child makes only
-//! async-signal-safe calls (raw syscalls, `write`, `execve`, `_exit`) and never returns
-//! into Rust code that could allocate, lock or unwind.
+//! Everything the child needs is prepared before the `clone` (the [`SpawnPlan`] plus raw
+//! pointer arrays into it, every file descriptor). The child is started like
+//! `posix_spawn` does it: `clone(CLONE_VM | CLONE_VFORK)` on a private stack, sharing
+//! guestd's memory until its `exec` while the spawning thread waits; so the child makes
+//! only async-signal-safe calls (raw syscalls, `write`, `execve`, `_exit`), writes only
+//! its own context, and never returns into Rust code that could allocate, lock or unwind.
 //!
-//! The child, in order: resets every signal disposition to default and unblocks all
+//! The child, in order: joins its cgroup leaf; resets every signal disposition to default and unblocks all
 //! signals; becomes a process-group leader (`setpgid(0,0)`) or, in PTY mode, a session
 //! leader with the PTY as controlling terminal; installs stdin/stdout/stderr; sets
 //! `oom_score_adj` 100, nice 0 and best-effort I/O priority 4 (failures ignored);
@@ -105,9 +107,11 @@ pub(crate) async fn spawn(
     let (pidfd, waiter) = {
         // ChildCtx holds raw pointers (not Send): keep it out of the async state.
         let mut ctx = ChildCtx::new(plan, &child_fds, err_w.as_raw_fd(), cgroup_procs);
+        // Not under the reaper lock: the spawn waits for the child's exec (CLONE_VFORK),
+        // which must never hold up reaping or other spawns.
         reaper::global()
-            .spawn_with(|| fork_child(&mut ctx))
-            .map_err(|e| setup_error("fork", e))?
+            .spawn_unlocked(|| spawn_child(&mut ctx))
+            .map_err(|e| setup_error("clone", e))?
     };
     // The child has its own copies; ours would keep the pipes (and the PTY) open.
     drop(child_fds);
@@ -360,10 +364,47 @@ impl<'a> ChildCtx<'a> {
     }
 }
 
-/// Forks; the child runs [`child_main`] and never returns. Called with the reaper lock
-/// held. All signals are blocked around `fork` so no guestd signal handler can run in
-/// the child before it resets the dispositions.
-fn fork_child(ctx: &mut ChildCtx<'_>) -> io::Result<(Option<OwnedFd>, i32)> {
+/// Stack of the child between `clone` and `exec` (it shares guestd's memory until then).
+const CHILD_STACK: usize = 256 * 1024;
+const GUARD: usize = 4096;
+
+/// Entry point of the child on its private stack.
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildCtx` that `spawn_child` passed to clone; with
+    // CLONE_VFORK the parent is suspended and does not touch it until we exec or exit.
+    unsafe { child_main(&mut *arg.cast::<ChildCtx<'static>>()) }
+}
+
+/// Starts the child the way `posix_spawn` does: `clone(CLONE_VM | CLONE_VFORK)` on a
+/// private stack, so guestd's page tables are not copied and no copy-on-write faults
+/// follow (a plain `fork` of a multi-threaded process pays both, plus TLB shootdowns);
+/// this thread waits until the child has exec'd (or exited). The child runs
+/// [`child_main`] and never returns. All signals are blocked around `clone` so no guestd
+/// signal handler runs in the child before it resets the dispositions. `CLONE_PIDFD`
+/// gives a pidfd for exactly this child, atomically.
+fn spawn_child(ctx: &mut ChildCtx<'_>) -> io::Result<(Option<OwnedFd>, i32)> {
+    // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            CHILD_STACK + GUARD,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if map == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // The lowest page is a guard: a stack overflow faults in the child instead of
+    // writing into guestd's memory (which the child shares).
+    // SAFETY: the first page of the mapping made above.
+    unsafe { libc::mprotect(map, GUARD, libc::PROT_NONE) };
+    // SAFETY: one past the end of the mapping: the initial stack pointer (stacks grow
+    // down; mmap returns page-aligned memory, so it is 16-byte aligned).
+    let top = unsafe { map.cast::<u8>().add(CHILD_STACK + GUARD) }.cast::<libc::c_void>();
+
     // SAFETY: sigset_t is plain data; sigfillset initialises it.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above, filled by pthread_sigmask.
@@ -373,31 +414,36 @@ fn fork_child(ctx: &mut ChildCtx<'_>) -> io::Result<(Option<OwnedFd>, i32)> {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    // SAFETY: fork has no preconditions; in the child we only call child_main, which
-    // restricts itself to async-signal-safe operations on memory prepared before fork.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: we are the freshly forked child; ctx points into live memory (our copy
-        // of the parent's address space).
-        unsafe { child_main(ctx) }
+    let arg = (ctx as *mut ChildCtx<'_>).cast::<libc::c_void>();
+    let mut pidfd: libc::c_int = -1;
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    // SAFETY: child_entry runs on the fresh stack and only executes child_main, which
+    // restricts itself to async-signal-safe syscalls on memory prepared before the
+    // call; CLONE_VFORK keeps this thread (and so ctx and the stack) alive and untouched
+    // until the child has exec'd or exited. With CLONE_PIDFD the kernel writes the pidfd
+    // into `pidfd` (the parent_tid argument).
+    let mut pid =
+        unsafe { libc::clone(child_entry, top, flags | libc::CLONE_PIDFD, arg, &mut pidfd) };
+    if pid < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // A kernel without CLONE_PIDFD (before 5.2).
+        pidfd = -1;
+        // SAFETY: as above, without the pidfd.
+        pid = unsafe { libc::clone(child_entry, top, flags, arg) };
     }
-    let fork_err = io::Error::last_os_error();
-    // SAFETY: restores the mask saved above.
+    let clone_err = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above; the mapping is ours and the child no longer
+    // runs on it (it has exec'd or exited: CLONE_VFORK).
     unsafe {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        libc::munmap(map, CHILD_STACK + GUARD);
     }
     if pid < 0 {
-        return Err(fork_err);
+        return Err(clone_err);
     }
-    // Opened while the reaper lock is held: the child cannot have been reaped yet, so
-    // this pidfd refers to it.
-    // SAFETY: pidfd_open takes a pid and flags; it returns a new close-on-exec fd.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let pidfd = RawFd::try_from(fd)
-        .ok()
-        .filter(|fd| *fd >= 0)
-        // SAFETY: a fresh descriptor returned by pidfd_open, owned by nobody else.
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    let pidfd = (pidfd >= 0).then(|| {
+        // SAFETY: a fresh descriptor from CLONE_PIDFD, owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(pidfd) }
+    });
     Ok((pidfd, pid))
 }
 

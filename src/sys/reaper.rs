@@ -14,6 +14,12 @@
 //! * statuses of registered pids go to their [`ExitWaiter`]; any other pid is an orphan
 //!   and its status is discarded.
 //!
+//! [`Reaper::spawn_unlocked`] is the second protocol, for spawns that must not hold the
+//! lock while the child starts (a `CLONE_VFORK` spawn waits until the child's `exec`,
+//! which can take long): while such a spawn is in flight, statuses of unknown pids are
+//! kept for a short while instead of being discarded, and the spawn picks its child's
+//! status up from there when the child was reaped before it could register.
+//!
 //! `clippy.toml` forbids `std::process::Command::{spawn, output, status}` and
 //! `tokio::process` elsewhere in the crate, so no other code path can steal a status.
 
@@ -38,7 +44,15 @@ pub struct Reaper {
 #[derive(Default)]
 struct Inner {
     waiters: HashMap<i32, oneshot::Sender<ExitStatus>>,
+    /// Spawns in flight through [`Reaper::spawn_unlocked`].
+    unlocked_spawns: usize,
+    /// Statuses of unknown pids reaped while such spawns were in flight: one may belong
+    /// to a child whose registration is still to come.
+    early: Vec<(i32, ExitStatus, std::time::Instant)>,
 }
+
+/// How long an early status is kept (far longer than any spawn takes to register).
+const EARLY_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Resolves to the exit status of a child registered with the reaper.
 #[derive(Debug)]
@@ -110,6 +124,44 @@ impl Reaper {
         Ok((value, ExitWaiter { pid, rx }))
     }
 
+    /// Like [`Reaper::spawn_with`], but `fork` runs without the reaper lock, so a child
+    /// that is slow to start blocks nobody else. Its status is still delivered exactly
+    /// once: if the reaper collects the child before this call registers it, the status
+    /// waits in the early list. `fork` must not reap its child itself (so this is not for
+    /// `std::process::Command`, which reaps a child whose `exec` failed).
+    pub fn spawn_unlocked<T>(
+        &self,
+        fork: impl FnOnce() -> io::Result<(T, i32)>,
+    ) -> io::Result<(T, ExitWaiter)> {
+        self.lock().unlocked_spawns += 1;
+        let forked = fork();
+        let mut inner = self.lock();
+        inner.unlocked_spawns -= 1;
+        let result = forked.map(|(value, pid)| {
+            let (tx, rx) = oneshot::channel();
+            match inner.early.iter().position(|(p, _, _)| *p == pid) {
+                Some(i) => {
+                    let (_, status, _) = inner.early.swap_remove(i);
+                    let _ = tx.send(status);
+                }
+                None => {
+                    inner.waiters.insert(pid, tx);
+                }
+            }
+            (value, ExitWaiter { pid, rx })
+        });
+        if inner.unlocked_spawns == 0 {
+            // Whatever is left belonged to orphans.
+            let orphans = inner.early.len() as u64;
+            inner.early.clear();
+            self.reaped_orphans
+                .fetch_add(orphans, std::sync::atomic::Ordering::Relaxed);
+        }
+        drop(inner);
+        self.children_changed.notify_all();
+        result
+    }
+
     /// Spawns a `std::process::Command` under the reaper. Never call `wait` on the
     /// returned `Child`: await the [`ExitWaiter`] instead.
     pub fn spawn_command(
@@ -152,6 +204,13 @@ impl Reaper {
             match inner.waiters.remove(&pid) {
                 Some(tx) => {
                     let _ = tx.send(status);
+                }
+                None if inner.unlocked_spawns > 0 => {
+                    let now = std::time::Instant::now();
+                    inner
+                        .early
+                        .retain(|(_, _, at)| now.duration_since(*at) < EARLY_TTL);
+                    inner.early.push((pid, status, now));
                 }
                 None => {
                     self.reaped_orphans
@@ -228,6 +287,24 @@ mod tests {
             .expect("spawn");
         let status = waiter.await;
         assert_eq!(status.code(), Some(7));
+    }
+
+    #[tokio::test]
+    async fn unlocked_spawn_gets_the_status_even_when_reaped_before_registration() {
+        let reaper = global();
+        let (_child, waiter) = reaper
+            .spawn_unlocked(|| {
+                // A valid command, so std never reaps the child itself.
+                #[allow(clippy::disallowed_methods)]
+                let child = std::process::Command::new("/bin/sh")
+                    .args(["-c", "exit 5"])
+                    .spawn()?;
+                // Let the child exit and the reaper collect it before we register.
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                Ok((child.id(), child.id() as i32))
+            })
+            .expect("spawn");
+        assert_eq!(waiter.await.code(), Some(5));
     }
 
     #[tokio::test]

@@ -93,6 +93,21 @@ pub fn rename(
     stat(destination, users)
 }
 
+/// Checks that `path` is an existing directory (symlinks followed): not a directory →
+/// `NotADirectory`, symlink loop → `SymlinkLoop`, missing → `NotFound` worded by
+/// `not_found` (ListDir and the watches word it differently).
+pub(crate) fn require_dir(path: &Path, not_found: impl FnOnce() -> String) -> Result<(), FsError> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(FsError::not_a_directory(path)),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(FsError::SymlinkLoop {
+            path: path.to_path_buf(),
+        }),
+        Err(e) if is_missing(&e) => Err(FsError::NotFound(not_found())),
+        Err(e) => Err(FsError::io("cannot stat", path, e)),
+    }
+}
+
 /// ListDir: the entries below `path` down to `depth` levels (0 means 1), in pre-order with
 /// children sorted byte-wise, each directory right before its children. `path` may be a
 /// symlink to a directory; entries' paths stay under the requested (lexically normalized)
@@ -102,22 +117,7 @@ pub fn rename(
 /// Missing → `NotFound`; symlink loop → `SymlinkLoop`; not a directory → `NotADirectory`.
 pub fn list_dir(path: &Path, depth: u32, users: &dyn UserDb) -> Result<Vec<EntryInfo>, FsError> {
     let depth = depth.max(1);
-    match fs::metadata(path) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(FsError::not_a_directory(path)),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(FsError::SymlinkLoop {
-                path: path.to_path_buf(),
-            });
-        }
-        Err(e) if is_missing(&e) => {
-            return Err(FsError::NotFound(format!(
-                "directory not found: {}",
-                path.display()
-            )));
-        }
-        Err(e) => return Err(FsError::io("cannot stat", path, e)),
-    }
+    require_dir(path, || format!("directory not found: {}", path.display()))?;
     let shown_root = normalize(path);
     let mut names = NameCache::new(users);
     let mut out = Vec::new();

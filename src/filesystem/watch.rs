@@ -45,7 +45,7 @@ use tokio::sync::mpsc;
 use crate::sys::users::UserDb;
 
 use super::entry::{self, EntryInfo};
-use super::error::{FsError, is_missing};
+use super::error::FsError;
 use super::random_token;
 use super::upload::is_temp_name;
 
@@ -274,22 +274,7 @@ struct Armed {
 
 /// Validates `path` and arms the watch (contract §4.5 "common validation").
 fn arm(path: &Path, opts: WatchOptions, users: Arc<dyn UserDb>) -> Result<Armed, FsError> {
-    match fs::metadata(path) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(FsError::not_a_directory(path)),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(FsError::SymlinkLoop {
-                path: path.to_path_buf(),
-            });
-        }
-        Err(e) if is_missing(&e) => {
-            return Err(FsError::NotFound(format!(
-                "path {} not found",
-                path.display()
-            )));
-        }
-        Err(e) => return Err(FsError::io("cannot stat", path, e)),
-    }
+    super::ops::require_dir(path, || format!("path {} not found", path.display()))?;
     if !opts.allow_network_mounts && fs_magic(path).is_some_and(is_network_fs_magic) {
         return Err(FsError::NetworkMount {
             path: path.to_path_buf(),

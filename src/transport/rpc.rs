@@ -152,16 +152,8 @@ where
         Ok(c) => c,
         Err(resp) => return *resp,
     };
-    let (protocol, codec, deadline) = (call.ctx.protocol, call.ctx.codec, call.ctx.deadline);
-    let work = async {
-        let (ctx, msg) = call.read_single::<Req>(limits).await?;
-        f(ctx, msg).await
-    };
-    let result = match with_deadline(deadline, work).await {
-        Some(r) => r,
-        None => Err(RpcError::deadline_exceeded()),
-    };
-    match result {
+    let (protocol, codec) = (call.ctx.protocol, call.ctx.codec);
+    match call.run_single(limits, f).await {
         Ok(res) => match protocol {
             Protocol::Connect => match encode(codec, &res) {
                 Ok(bytes) => {
@@ -203,21 +195,9 @@ where
         Err(resp) => return *resp,
     };
     let (protocol, codec, deadline) = (call.ctx.protocol, call.ctx.codec, call.ctx.deadline);
-    let work = async {
-        let (ctx, msg) = call.read_single::<Req>(limits).await?;
-        f(ctx, msg).await
-    };
-    let stream = match with_deadline(deadline, work).await {
-        Some(Ok(s)) => s,
-        Some(Err(e)) => return error_response(protocol, codec, Kind::ServerStream, &e),
-        None => {
-            return error_response(
-                protocol,
-                codec,
-                Kind::ServerStream,
-                &RpcError::deadline_exceeded(),
-            );
-        }
+    let stream = match call.run_single(limits, f).await {
+        Ok(s) => s,
+        Err(e) => return error_response(protocol, codec, Kind::ServerStream, &e),
     };
     match protocol {
         Protocol::Connect => connect_stream_response(codec, stream, deadline),
@@ -255,11 +235,7 @@ where
         max: limits.max_message_bytes,
         _t: std::marker::PhantomData,
     };
-    let result = match with_deadline(deadline, f(ctx, requests)).await {
-        Some(r) => r,
-        None => Err(RpcError::deadline_exceeded()),
-    };
-    let stream: ResponseStream<Res> = match result {
+    let stream: ResponseStream<Res> = match within_deadline(deadline, f(ctx, requests)).await {
         Ok(res) => futures_util::stream::iter([Ok(res)]).boxed(),
         Err(e) => return error_response(protocol, codec, Kind::ClientStream, &e),
     };
@@ -269,10 +245,16 @@ where
     }
 }
 
-async fn with_deadline<T>(deadline: Option<Instant>, fut: impl Future<Output = T>) -> Option<T> {
+/// Runs `fut` to its result, or `deadline_exceeded` when the call's deadline comes first.
+async fn within_deadline<T>(
+    deadline: Option<Instant>,
+    fut: impl Future<Output = Result<T, RpcError>>,
+) -> Result<T, RpcError> {
     match deadline {
-        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
-        None => Some(fut.await),
+        Some(d) => tokio::time::timeout_at(d, fut)
+            .await
+            .unwrap_or_else(|_| Err(RpcError::deadline_exceeded())),
+        None => fut.await,
     }
 }
 
@@ -340,6 +322,22 @@ impl Call {
             compression,
             kind,
         })
+    }
+
+    /// Reads the single request message and runs the handler on it, all within the
+    /// call's deadline.
+    async fn run_single<Req, T, F, Fut>(self, limits: Limits, f: F) -> Result<T, RpcError>
+    where
+        Req: RpcMessage,
+        F: FnOnce(CallContext, Req) -> Fut,
+        Fut: Future<Output = Result<T, RpcError>>,
+    {
+        let deadline = self.ctx.deadline;
+        within_deadline(deadline, async {
+            let (ctx, msg) = self.read_single::<Req>(limits).await?;
+            f(ctx, msg).await
+        })
+        .await
     }
 
     /// Reads the single request message of a unary or server-streaming call.

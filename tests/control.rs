@@ -940,3 +940,102 @@ async fn a_memory_hog_in_a_kernel_is_confined_to_the_user_cgroup() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Ports in the connection files of the Python kernels that `guestd_pid` started.
+fn kernel_ports(guestd_pid: u32) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid: u32 = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if ppid != guestd_pid {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if let Some(i) = args.iter().position(|a| a == "-f") {
+            let conn: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&args[i + 1]).unwrap()).unwrap();
+            for k in [
+                "shell_port",
+                "iopub_port",
+                "stdin_port",
+                "control_port",
+                "hb_port",
+            ] {
+                ports.push(conn[k].as_u64().unwrap() as u16);
+            }
+        }
+    }
+    ports
+}
+
+#[tokio::test]
+async fn kernel_sockets_are_never_forwarded() {
+    if !std::path::Path::new("/opt/guestd/python/bin/python").exists() {
+        assert!(
+            std::env::var_os("GUESTD_REQUIRE_ALL_KERNELS").is_none(),
+            "kernels are not installed"
+        );
+        eprintln!("SKIP: kernels not installed (packaging/kernels/install.sh)");
+        return;
+    }
+    let ext = guestd::portfwd::external_addresses()
+        .into_iter()
+        .find(|a| a.is_ipv4())
+        .expect("this test needs a non-loopback IPv4 address (eth0)");
+    let g = Guestd::start_forwarding(&["--default-user", "root"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::net::TcpStream::connect(("127.0.0.1", g.code_port)).is_err() {
+        assert!(Instant::now() < deadline, "kernel bridge not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ports = kernel_ports(g.pid());
+    assert!(
+        ports.len() >= 5,
+        "found the default kernel's ports: {ports:?}"
+    );
+    // A user service that starts listening now, after the kernels: the scan that
+    // forwards it also sees every kernel port.
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let service_port = service.local_addr().unwrap().port();
+    // The user's service gets forwarded (so the forwarder is working)...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::new(ext, service_port),
+        Duration::from_millis(300),
+    )
+    .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the user's loopback service was not forwarded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // One more scan interval, so the scans have bound whatever they wanted...
+    tokio::time::sleep(guestd::portfwd::SCAN_INTERVAL + Duration::from_millis(500)).await;
+    // ...while the kernels' ZeroMQ sockets (iopub carries every output) are not.
+    for port in ports {
+        assert!(
+            std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::new(ext, port),
+                Duration::from_millis(300)
+            )
+            .is_err(),
+            "kernel port {port} is reachable from {ext}"
+        );
+    }
+    drop(service);
+}

@@ -100,6 +100,8 @@ pub struct Kernel {
     implementation: String,
     /// The kernel's cgroup leaf, removed once the kernel is gone.
     leaf: Option<Arc<crate::sys::cgroup::Leaf>>,
+    /// The kernel's ZeroMQ ports stay out of port forwarding while it lives.
+    _private_ports: crate::portfwd::PrivatePorts,
 }
 
 struct Ports {
@@ -108,6 +110,9 @@ struct Ports {
     stdin: u16,
     control: u16,
     hb: u16,
+    /// Keeps the five ports out of port forwarding (they are guestd's, not the user's);
+    /// moved into the `Kernel`, so it lasts as long as the kernel.
+    private: crate::portfwd::PrivatePorts,
 }
 
 fn free_ports() -> std::io::Result<Ports> {
@@ -125,6 +130,7 @@ fn free_ports() -> std::io::Result<Ports> {
         stdin: p[2],
         control: p[3],
         hb: p[4],
+        private: crate::portfwd::hold_private(&p),
     })
 }
 
@@ -438,6 +444,7 @@ impl Kernel {
             label,
             implementation: String::new(),
             leaf: kernel_partial.leaf.take(),
+            _private_ports: ports.private,
         };
         kernel_partial.disarm();
         kernel.wait_ready().await?;

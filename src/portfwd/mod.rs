@@ -24,6 +24,41 @@ pub use scan::{Family, Listener};
 /// How often listeners are scanned.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Loopback ports guestd's own components listen on (the kernels' ZeroMQ sockets):
+/// never forwarded, since a kernel's iopub socket publishes every execution's output.
+static PRIVATE: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// Keeps ports out of forwarding while it lives.
+#[derive(Debug)]
+pub struct PrivatePorts(Vec<u16>);
+
+/// Marks `ports` as private to guestd until the returned guard is dropped.
+pub fn hold_private(ports: &[u16]) -> PrivatePorts {
+    PRIVATE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(ports.iter().copied());
+    PrivatePorts(ports.to_vec())
+}
+
+impl Drop for PrivatePorts {
+    fn drop(&mut self) {
+        let mut set = PRIVATE.lock().unwrap_or_else(|p| p.into_inner());
+        for p in &self.0 {
+            set.remove(p);
+        }
+    }
+}
+
+fn private_ports() -> Vec<u16> {
+    PRIVATE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .copied()
+        .collect()
+}
+
 /// One forwarded loopback port.
 struct Forward {
     cancel: CancellationToken,
@@ -56,7 +91,9 @@ pub async fn run(exclude: Vec<u16>, stats: Arc<Stats>, shutdown: CancellationTok
                 continue;
             }
         };
-        let wanted = scan::loopback_only(&listeners, &exclude);
+        let mut excluded = exclude.clone();
+        excluded.extend(private_ports());
+        let wanted = scan::loopback_only(&listeners, &excluded);
         let external = external_addresses();
         // Stop forwards whose loopback listener is gone.
         forwards.retain(|key, f| {

@@ -586,7 +586,9 @@ async fn stdin_pipe_send_input_and_close() {
     let g = Guestd::start();
     let c = g.client();
     for codec in CODECS {
-        let mut req = sh("cat; echo closed");
+        // The sleep keeps the process alive across both CloseStdin calls: once it has
+        // ended, CloseStdin is `not_found` (as in the reference).
+        let mut req = sh("cat; echo closed; sleep 1");
         req.stdin = Some(true);
         let mut s = start(&c, codec, &req, &[]).await;
         let pid = started(&mut s).await;

@@ -80,13 +80,32 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         ));
     }
 
-    wait_for_signal().await;
-    tracing::info!("shutting down");
+    let mut signals = Signals::new();
+    signals.recv().await;
+    let grace = config.shutdown_grace;
+    tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
     shutdown.cancel();
-    if let Some(task) = kernels
-        && let Ok(Some(mgr)) = task.await
-    {
-        mgr.shutdown().await;
+    // A child stuck between clone and exec holds copies of every guestd descriptor
+    // (the listening sockets too): it must not outlive the agent.
+    let stragglers = crate::sys::launch::kill_inflight();
+    if stragglers > 0 {
+        tracing::warn!(stragglers, "killed children that had not reached exec");
+    }
+    let orderly = async {
+        if let Some(task) = kernels
+            && let Ok(Some(mgr)) = task.await
+        {
+            mgr.shutdown().await;
+        }
+    };
+    tokio::select! {
+        _ = orderly => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period over: exiting now");
+        }
+        _ = signals.recv() => {
+            tracing::warn!("second signal: exiting now");
+        }
     }
     Ok(())
 }
@@ -138,12 +157,34 @@ fn protect_self() {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let mut int = signal(SignalKind::interrupt()).ok();
-    tokio::select! {
-        _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
-        _ = async { match int.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+/// SIGTERM and SIGINT.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = one(&mut self.term) => {}
+            _ = one(&mut self.int) => {}
+        }
     }
 }

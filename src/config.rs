@@ -124,6 +124,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 16_384)]
     pub watcher_queue_events: usize,
 
+    /// On SIGTERM/SIGINT, how long guestd waits for kernels to shut down before it
+    /// exits anyway (a second signal exits at once).
+    #[arg(long, default_value_t = 5_000)]
+    pub shutdown_grace_ms: u64,
+
     /// Files `/init` writes (CA store, hosts, sandbox identity). For tests only.
     #[arg(long, hide = true)]
     pub init_paths_root: Option<PathBuf>,
@@ -151,6 +156,7 @@ pub struct Config {
     pub upload_idle_timeout: Duration,
     pub watcher_idle_timeout: Duration,
     pub watcher_queue_events: usize,
+    pub shutdown_grace: Duration,
 }
 
 impl From<&Cli> for Config {
@@ -181,6 +187,7 @@ impl From<&Cli> for Config {
             upload_idle_timeout: Duration::from_secs(c.upload_idle_timeout_secs.max(1)),
             watcher_idle_timeout: Duration::from_secs(c.watcher_idle_timeout_secs.max(1)),
             watcher_queue_events: c.watcher_queue_events.max(1),
+            shutdown_grace: Duration::from_millis(c.shutdown_grace_ms),
         }
     }
 }

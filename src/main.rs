@@ -24,9 +24,11 @@ fn main() -> anyhow::Result<()> {
         .thread_name("guestd")
         .build()
         .context("starting the async runtime")?;
-    runtime
-        .block_on(guestd::app::run(config))
-        .context("guestd failed")
+    let result = runtime.block_on(guestd::app::run(config));
+    // Never wait for blocking work (a launch, a filesystem call on a hung mount) once
+    // the agent has decided to exit: the grace period was spent in `app::run`.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    result.context("guestd failed")
 }
 
 fn init_logging(format: LogFormat) {

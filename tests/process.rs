@@ -7,7 +7,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Client, Codec, Frame, Guestd, RawStream, basic_auth, envelope};
+use common::{
+    Client, Codec, Frame, Guestd, RawStream, Run, basic_auth, collect, collect_rest, envelope,
+};
 use guestd::proto::process::{self as pb, process_event::Event};
 use http::{Method, StatusCode};
 
@@ -41,68 +43,6 @@ fn by_tag(tag: &str) -> Option<pb::ProcessSelector> {
     Some(pb::ProcessSelector {
         selector: Some(pb::process_selector::Selector::Tag(tag.into())),
     })
-}
-
-/// Everything a finished Start stream produced.
-#[derive(Debug, Default)]
-struct Run {
-    pid: u32,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    pty: Vec<u8>,
-    end: Option<pb::process_event::EndEvent>,
-    keepalives: usize,
-    end_of_stream: serde_json::Value,
-}
-
-async fn collect(stream: &mut RawStream) -> Run {
-    collect_from(stream, Run::default()).await
-}
-
-/// Collects the rest of a stream whose start event was already read.
-async fn collect_rest(stream: &mut RawStream, pid: u32) -> Run {
-    collect_from(
-        stream,
-        Run {
-            pid,
-            ..Default::default()
-        },
-    )
-    .await
-}
-
-async fn collect_from(stream: &mut RawStream, mut run: Run) -> Run {
-    loop {
-        match stream.next_message::<pb::StartResponse>().await {
-            Ok(msg) => match msg.event.and_then(|e| e.event) {
-                Some(Event::Start(s)) => {
-                    assert_eq!(run.pid, 0, "second start event");
-                    run.pid = s.pid;
-                }
-                Some(Event::Data(d)) => {
-                    assert!(run.pid != 0, "data before start");
-                    assert!(run.end.is_none(), "data after end");
-                    use pb::process_event::data_event::Output;
-                    match d.output {
-                        Some(Output::Stdout(b)) => run.stdout.extend_from_slice(&b),
-                        Some(Output::Stderr(b)) => run.stderr.extend_from_slice(&b),
-                        Some(Output::Pty(b)) => run.pty.extend_from_slice(&b),
-                        None => panic!("empty data event"),
-                    }
-                }
-                Some(Event::End(e)) => {
-                    assert!(run.end.is_none(), "second end event");
-                    run.end = Some(e);
-                }
-                Some(Event::Keepalive(_)) => run.keepalives += 1,
-                None => panic!("empty event"),
-            },
-            Err(end) => {
-                run.end_of_stream = end;
-                return run;
-            }
-        }
-    }
 }
 
 async fn start(

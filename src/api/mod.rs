@@ -68,6 +68,7 @@ impl Agent {
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
             }),
             cgroups,
+            child_rlimits: Vec::new(),
         });
         let token = Arc::new(AccessToken::default());
         // Recursive watches of a template's tree need more than the kernel's 8192.

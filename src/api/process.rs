@@ -44,7 +44,8 @@ impl From<ProcessError> for RpcError {
             ProcessError::NotFound(_) => Code::NotFound,
             ProcessError::CwdMissing(_)
             | ProcessError::CwdNotDirectory(_)
-            | ProcessError::Spawn(_) => Code::InvalidArgument,
+            | ProcessError::Spawn(_)
+            | ProcessError::TooLarge(_) => Code::InvalidArgument,
             ProcessError::ResourceExhausted(_) => Code::ResourceExhausted,
             ProcessError::CloseStdinOnPty => Code::Unknown,
             _ => Code::Internal,

@@ -21,6 +21,7 @@ pub mod token;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::os::unix::ffi::OsStringExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -30,6 +31,7 @@ use sha2::Digest as _;
 pub use token::{AccessToken, ct_eq};
 
 use crate::env::GlobalEnv;
+use crate::sys::launch;
 
 /// The `/init` body (every field optional).
 #[derive(Debug, Default, Clone, serde::Deserialize)]
@@ -403,21 +405,51 @@ async fn mount_nfs(m: &VolumeMount) -> Result<(), InitError> {
         message,
     };
     std::fs::create_dir_all(&m.path).map_err(|e| err(e.to_string()))?;
-    let mut cmd = std::process::Command::new("mount");
-    cmd.args([
+    let arg = |s: &str| std::ffi::CString::new(s).map_err(|_| err(format!("a NUL byte in {s:?}")));
+    let argv = [
+        "mount",
         "-t",
         "nfs",
         "-o",
         "vers=3,proto=tcp,port=2049,hard,sync,noac,lookupcache=none,rsize=1048576,wsize=1048576,noacl,nolock",
         &m.nfs_target,
         &m.path,
-    ])
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null());
-    let (_child, waiter) = crate::sys::reaper::global()
-        .spawn_command(&mut cmd)
+    ]
+    .iter()
+    .map(|s| arg(s))
+    .collect::<Result<Vec<_>, _>>()?;
+    let path = std::env::var("PATH").ok();
+    let cmd = launch::Command {
+        argv,
+        envp: std::env::vars_os()
+            .filter_map(|(k, v)| {
+                let mut kv = k.into_vec();
+                kv.push(b'=');
+                kv.extend(v.into_vec());
+                std::ffi::CString::new(kv).ok()
+            })
+            .collect(),
+        exec: launch::ExecTarget::lookup("mount", path.as_deref())
+            .unwrap_or(launch::ExecTarget::NotFound),
+        cwd: None,
+        creds: None,
+        session: launch::Session::NewGroup,
+        stdio: [
+            launch::Stdio::Null,
+            launch::Stdio::Null,
+            launch::Stdio::Null,
+        ],
+        cgroup_procs: Vec::new(),
+        oom_score_adj: None,
+        nice: None,
+        ioprio: None,
+        rlimits: Vec::new(),
+        shell_errors: None,
+    };
+    let launched = launch::launch(cmd)
+        .await
         .map_err(|e| err(format!("cannot run mount: {e}")))?;
+    let waiter = launched.waiter;
     match tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await {
         Ok(status) if status.success() => Ok(()),
         Ok(status) => Err(err(format!("mount failed ({status})"))),

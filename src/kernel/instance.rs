@@ -1,7 +1,7 @@
 //! One kernel process and its five ZeroMQ channels (contract §7.2).
 //!
 //! Start: connection file with fresh ports and a random HMAC key, spawn the kernelspec
-//! `argv` through the reaper in its own process group, connect shell/control/stdin
+//! `argv` through `sys::launch` in its own process group, connect shell/control/stdin
 //! (DEALER), iopub (SUB, everything) and heartbeat (REQ), then wait until the kernel is
 //! ready: a `kernel_info_reply` **and** an iopub message parented to a
 //! `kernel_info_request` (without the latter, early iopub output of the first execution
@@ -12,11 +12,14 @@
 //! exit once the reaper reports it.
 
 use std::collections::{HashSet, VecDeque};
+use std::ffi::CString;
 use std::net::TcpListener;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +41,7 @@ use super::KernelError;
 use super::exec::Tracker;
 use super::spec::{InterruptMode, KernelSpec};
 use super::wire::{Message, Signer};
+use crate::sys::launch;
 
 /// Longest time a kernel may take from spawn to ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(45);
@@ -245,22 +249,6 @@ impl Kernel {
             .map_err(|e| fail(format!("cannot write connection file: {e}")))?;
         // From here on, the file is removed by Kernel's drop (or below on early failure).
         let argv = p.spec.command_line(&conn_file);
-        let mut cmd = std::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .current_dir(p.cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        if std::env::var_os("LANG").is_none() && std::env::var_os("LC_ALL").is_none() {
-            cmd.env("LANG", "C.UTF-8");
-        }
-        for (k, v) in p.env {
-            cmd.env(k, v);
-        }
-        for (k, v) in &p.spec.env {
-            cmd.env(k, v);
-        }
         // Kernels run user code: like user commands they join their own leaf of the user
         // cgroup (its pids and memory limits) and the OOM killer should prefer them to
         // the agent (contract 6.2).
@@ -271,35 +259,14 @@ impl Kernel {
                 None
             }
         });
-        let procs: Vec<std::ffi::CString> = leaf
-            .as_ref()
-            .map(|l| l.procs_files().to_vec())
-            .unwrap_or_default();
-        // SAFETY: the closure runs between fork and exec and only makes raw open/write/
-        // close syscalls on paths prepared before the fork; it allocates nothing and
-        // takes no locks.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                for path in &procs {
-                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd >= 0 {
-                        libc::write(fd, b"0".as_ptr().cast(), 1);
-                        libc::close(fd);
-                    }
-                }
-                let fd = libc::open(
-                    c"/proc/self/oom_score_adj".as_ptr(),
-                    libc::O_WRONLY | libc::O_CLOEXEC,
-                );
-                if fd >= 0 {
-                    libc::write(fd, b"100".as_ptr().cast(), 3);
-                    libc::close(fd);
-                }
-                Ok(())
-            });
-        }
-        let spawned = crate::sys::reaper::global().spawn_command(&mut cmd);
-        let (mut child, waiter) = match spawned {
+        let launched = match kernel_command(&p, &argv, leaf.as_deref()) {
+            Ok((cmd, out_r, err_r)) => launch::launch(cmd)
+                .await
+                .map(|l| (l, out_r, err_r))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let (launched, out_r, err_r) = match launched {
             Ok(x) => x,
             Err(e) => {
                 let _ = std::fs::remove_file(&conn_file);
@@ -309,6 +276,7 @@ impl Kernel {
                 return Err(fail(format!("cannot run {}: {e}", argv[0])));
             }
         };
+        let waiter = launched.waiter;
         let pid = waiter.pid();
         tracing::info!(context = p.label, kernel = %p.spec.name, pid, "kernel process started");
 
@@ -317,16 +285,12 @@ impl Kernel {
         let mut tasks = Vec::new();
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         let label = p.label.to_string();
-        if let Some(out) = child.stdout.take() {
-            tasks.push(spawn_log_reader(out, label.clone(), None));
-        }
-        if let Some(err) = child.stderr.take() {
-            tasks.push(spawn_log_reader(
-                err,
-                label.clone(),
-                Some(stderr_tail.clone()),
-            ));
-        }
+        tasks.push(spawn_log_reader(out_r, label.clone(), None));
+        tasks.push(spawn_log_reader(
+            err_r,
+            label.clone(),
+            Some(stderr_tail.clone()),
+        ));
         {
             let ev_tx = ev_tx.clone();
             let label = label.clone();
@@ -727,17 +691,18 @@ fn exit_detail(status: Option<&ExitStatus>, tail: &Mutex<VecDeque<String>>) -> S
     }
 }
 
-fn spawn_log_reader<R>(
-    pipe: R,
+fn spawn_log_reader(
+    pipe: OwnedFd,
     label: String,
     tail: Option<Arc<Mutex<VecDeque<String>>>>,
-) -> JoinHandle<()>
-where
-    R: IntoTokioPipe,
-{
+) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let Some(reader) = pipe.into_tokio() else {
-            return;
+        let reader = match tokio::net::unix::pipe::Receiver::from_owned_fd(pipe) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(context = %label, error = %e, "cannot read kernel output");
+                return;
+            }
         };
         let mut lines = tokio::io::BufReader::new(reader).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -753,24 +718,71 @@ where
     })
 }
 
-/// Turns a std child pipe into a tokio reader.
-trait IntoTokioPipe: Send + 'static {
-    type Reader: tokio::io::AsyncRead + Unpin + Send;
-    fn into_tokio(self) -> Option<Self::Reader>;
-}
-
-impl IntoTokioPipe for std::process::ChildStdout {
-    type Reader = tokio::process::ChildStdout;
-    fn into_tokio(self) -> Option<Self::Reader> {
-        tokio::process::ChildStdout::from_std(self).ok()
+/// The launch of a kernel: the kernelspec's argv with guestd's environment, the global
+/// env and the kernelspec's `env` on top, in its own process group and cgroup leaf,
+/// stdout and stderr to pipes guestd logs. Returns the command and the pipes' read ends.
+fn kernel_command(
+    p: &StartParams<'_>,
+    argv: &[String],
+    leaf: Option<&crate::sys::cgroup::Leaf>,
+) -> Result<(launch::Command, OwnedFd, OwnedFd), String> {
+    let mut env: std::collections::BTreeMap<std::ffi::OsString, std::ffi::OsString> =
+        std::env::vars_os().collect();
+    if !env.contains_key(std::ffi::OsStr::new("LANG"))
+        && !env.contains_key(std::ffi::OsStr::new("LC_ALL"))
+    {
+        env.insert("LANG".into(), "C.UTF-8".into());
     }
-}
-
-impl IntoTokioPipe for std::process::ChildStderr {
-    type Reader = tokio::process::ChildStderr;
-    fn into_tokio(self) -> Option<Self::Reader> {
-        tokio::process::ChildStderr::from_std(self).ok()
+    for (k, v) in p.env.iter().map(|(k, v)| (k, v)).chain(&p.spec.env) {
+        env.insert(k.into(), v.into());
     }
+    let cstr = |b: Vec<u8>| {
+        CString::new(b).map_err(|_| "a NUL byte in the kernel's argv or env".to_string())
+    };
+    let envp = env
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            cstr(kv)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let argv_c = argv
+        .iter()
+        .map(|a| cstr(a.clone().into_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let first = argv.first().ok_or("the kernelspec's argv is empty")?;
+    let path = env
+        .get(std::ffi::OsStr::new("PATH"))
+        .and_then(|p| p.to_str())
+        .map(str::to_owned);
+    let exec = launch::ExecTarget::lookup(first, path.as_deref())
+        .ok_or("a NUL byte in the kernel's program name")?;
+    let pipe =
+        || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let cmd = launch::Command {
+        argv: argv_c,
+        envp,
+        exec,
+        cwd: Some(cstr(p.cwd.as_os_str().as_bytes().to_vec())?),
+        creds: None,
+        session: launch::Session::NewGroup,
+        stdio: [
+            launch::Stdio::Null,
+            launch::Stdio::Fd(out_w),
+            launch::Stdio::Fd(err_w),
+        ],
+        cgroup_procs: leaf.map(|l| l.procs_files().to_vec()).unwrap_or_default(),
+        oom_score_adj: Some(100),
+        nice: Some(0),
+        ioprio: Some((launch::IOPRIO_CLASS_BE, 4)),
+        rlimits: Vec::new(),
+        shell_errors: None,
+    };
+    Ok((cmd, out_r, err_r))
 }
 
 fn spawn_reader<S>(

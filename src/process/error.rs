@@ -21,6 +21,10 @@ pub enum ProcessError {
     /// or a request that cannot be turned into an exec (a NUL byte in an argument).
     #[error("failed to start process: {0}")]
     Spawn(#[source] io::Error),
+    /// `invalid_argument`: the argv or environment is more than the kernel accepts
+    /// (the message names the culprit and the limit).
+    #[error("failed to start process: {0}")]
+    TooLarge(String),
     /// `resource_exhausted`: EAGAIN/ENOMEM/EMFILE/ENFILE/ENOSPC while spawning.
     #[error("failed to start process, out of resources: {0}")]
     ResourceExhausted(#[source] io::Error),

@@ -415,7 +415,7 @@ async fn start_inner(shared: Arc<Shared>, spec: StartSpec) -> Result<Subscriptio
         .as_ref()
         .map(|l| l.procs_files().to_vec())
         .unwrap_or_default();
-    let spawned = spawn::spawn(&plan, spec.pty, stdin, &procs).await;
+    let spawned = spawn::spawn(plan, spec.pty, stdin, procs, cfg.child_rlimits.clone()).await;
     let Spawned {
         pid,
         waiter,

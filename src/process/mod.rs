@@ -54,6 +54,9 @@ pub struct ManagerConfig {
     pub agent_path_env: String,
     /// Where each command gets its own cgroup leaf (`None`: no cgroups).
     pub cgroups: Option<Arc<crate::sys::cgroup::Cgroups>>,
+    /// Resource limits every command sets for itself (e.g. the soft `RLIMIT_NOFILE`
+    /// guestd started with, after guestd raised its own).
+    pub child_rlimits: Vec<crate::sys::launch::Rlimit>,
 }
 
 impl Default for ManagerConfig {
@@ -65,6 +68,7 @@ impl Default for ManagerConfig {
             exit_retention: Duration::from_secs(30),
             agent_path_env: std::env::var("PATH").unwrap_or_default(),
             cgroups: None,
+            child_rlimits: Vec::new(),
         }
     }
 }

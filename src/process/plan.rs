@@ -9,10 +9,6 @@ use std::os::unix::ffi::OsStrExt;
 use super::StartSpec;
 use crate::sys::users::User;
 
-/// The search path used when the final environment has no `PATH` (glibc's `execvp`
-/// default).
-pub const DEFAULT_PATH: &str = "/bin:/usr/bin";
-
 /// A request that cannot be turned into an exec.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -20,24 +16,7 @@ pub enum PlanError {
     Nul(String),
 }
 
-/// How the child finds the program to execute.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExecTarget {
-    /// `cmd` contains a `/`: executed as is (relative to the cwd if relative).
-    Path(CString),
-    /// A bare name: these candidates (from `PATH`, in order) are tried until one execs.
-    Search(Vec<CString>),
-    /// Nothing to try (empty command): "command not found".
-    NotFound,
-}
-
-/// uid, gid and groups the child switches to before exec.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
-}
+pub use crate::sys::launch::{Credentials, DEFAULT_PATH, ExecTarget, Target, exec_target};
 
 /// Everything the child needs, prepared before `fork`.
 #[derive(Debug, Clone)]
@@ -140,38 +119,6 @@ pub fn layered_env(
         env.insert(k.clone(), v.clone());
     }
     env.into_iter().collect()
-}
-
-/// [`ExecTarget`] before conversion to C strings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    Path(String),
-    Search(Vec<String>),
-    NotFound,
-}
-
-/// Where to look for `cmd`, the way shells and `execvp` do: a name containing `/` is a
-/// path; a bare name is looked up in each `PATH` entry in order (an empty entry is the
-/// current directory); without `PATH`, [`DEFAULT_PATH`] is used.
-pub fn exec_target(cmd: &str, path: Option<&str>) -> Target {
-    if cmd.is_empty() {
-        return Target::NotFound;
-    }
-    if cmd.contains('/') {
-        return Target::Path(cmd.to_string());
-    }
-    let path = path.unwrap_or(DEFAULT_PATH);
-    let candidates = path
-        .split(':')
-        .map(|dir| {
-            if dir.is_empty() {
-                cmd.to_string()
-            } else {
-                format!("{}/{cmd}", dir.trim_end_matches('/'))
-            }
-        })
-        .collect();
-    Target::Search(candidates)
 }
 
 /// The credentials the child switches to. guestd normally runs as root and always

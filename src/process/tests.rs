@@ -22,6 +22,7 @@ fn cfg() -> ManagerConfig {
         stall_timeout: Duration::from_millis(300),
         exit_retention: Duration::from_secs(30),
         agent_path_env: PATH.into(),
+        child_rlimits: Vec::new(),
     }
 }
 

@@ -1,6 +1,8 @@
-//! Seams over the operating system: the child reaper and the user databases.
+//! Seams over the operating system: the child launcher and reaper, cgroups and the
+//! user databases.
 //! Domain modules use these instead of calling libc themselves where a seam exists.
 
 pub mod cgroup;
+pub mod launch;
 pub mod reaper;
 pub mod users;

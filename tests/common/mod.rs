@@ -440,3 +440,72 @@ pub fn basic_auth(user: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:"))
     )
 }
+
+// Process streams
+
+/// Everything a finished Start stream produced.
+#[derive(Debug, Default)]
+pub struct Run {
+    pub pid: u32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub pty: Vec<u8>,
+    pub end: Option<guestd::proto::process::process_event::EndEvent>,
+    pub keepalives: usize,
+    pub end_of_stream: serde_json::Value,
+}
+
+pub async fn collect(stream: &mut RawStream) -> Run {
+    collect_from(stream, Run::default()).await
+}
+
+/// Collects the rest of a stream whose start event was already read.
+pub async fn collect_rest(stream: &mut RawStream, pid: u32) -> Run {
+    collect_from(
+        stream,
+        Run {
+            pid,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+pub async fn collect_from(stream: &mut RawStream, mut run: Run) -> Run {
+    loop {
+        match stream
+            .next_message::<guestd::proto::process::StartResponse>()
+            .await
+        {
+            Ok(msg) => match msg.event.and_then(|e| e.event) {
+                Some(guestd::proto::process::process_event::Event::Start(s)) => {
+                    assert_eq!(run.pid, 0, "second start event");
+                    run.pid = s.pid;
+                }
+                Some(guestd::proto::process::process_event::Event::Data(d)) => {
+                    assert!(run.pid != 0, "data before start");
+                    assert!(run.end.is_none(), "data after end");
+                    use guestd::proto::process::process_event::data_event::Output;
+                    match d.output {
+                        Some(Output::Stdout(b)) => run.stdout.extend_from_slice(&b),
+                        Some(Output::Stderr(b)) => run.stderr.extend_from_slice(&b),
+                        Some(Output::Pty(b)) => run.pty.extend_from_slice(&b),
+                        None => panic!("empty data event"),
+                    }
+                }
+                Some(guestd::proto::process::process_event::Event::End(e)) => {
+                    assert!(run.end.is_none(), "second end event");
+                    run.end = Some(e);
+                }
+                Some(guestd::proto::process::process_event::Event::Keepalive(_)) => {
+                    run.keepalives += 1
+                }
+                None => panic!("empty event"),
+            },
+            Err(end) => {
+                run.end_of_stream = end;
+                return run;
+            }
+        }
+    }
+}

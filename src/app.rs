@@ -43,6 +43,12 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let agent =
         crate::api::Agent::new(&config, &env, metrics, connections.clone(), cgroups.clone());
 
+    // Give memory back after bursts (thousands of ended commands, many streams).
+    tokio::spawn(crate::sys::memory::janitor(
+        std::time::Duration::from_secs(5),
+        4 << 20,
+    ));
+
     let addr = SocketAddr::new(config.listen, config.port);
     let listener = TcpListener::bind(addr)
         .await

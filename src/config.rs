@@ -51,14 +51,38 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "human", env = "GUESTD_LOG_FORMAT")]
     pub log_format: LogFormat,
 
-    /// Output retained per process for replay on Connect, in bytes.
+    /// Most output one process retains for replay on Connect, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub replay_buffer_bytes: usize,
 
-    /// A stream subscriber whose full output queue makes no progress for this many
-    /// milliseconds is disconnected, so it cannot stall the process or other clients.
-    #[arg(long, default_value_t = 10_000)]
+    /// About how much replay output all running processes retain together, in bytes:
+    /// with many processes each keeps less (never under 64 KiB).
+    #[arg(long, default_value_t = 64 << 20)]
+    pub replay_budget_bytes: usize,
+
+    /// A process's output is paced (its pipe fills, as with a slow reader) while every
+    /// stream subscriber is at least this many bytes behind.
+    #[arg(long, default_value_t = 256 << 10)]
+    pub output_pace_bytes: usize,
+
+    /// A stream subscriber further behind than this many bytes is dropped with an error
+    /// telling it where to reconnect with replay.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub subscriber_buffer_bytes: usize,
+
+    /// How long a process waits for a lagging subscriber to read before it runs on
+    /// without it (the subscriber is dropped once a buffer behind), in milliseconds.
+    #[arg(long, default_value_t = 100)]
     pub output_stall_timeout_ms: u64,
+
+    /// How long an ended process stays connectable (its End and retained output).
+    #[arg(long, default_value_t = 30)]
+    pub exit_retention_secs: u64,
+
+    /// Most memory all retained ended processes may hold together, in bytes: beyond it
+    /// the oldest retained outputs are dropped (their End stays), then the oldest Ends.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub exit_retention_bytes: usize,
 
     /// Largest accepted RPC request message, in bytes.
     #[arg(long, default_value_t = 32 << 20)]
@@ -101,14 +125,25 @@ pub struct Cli {
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
 
-    /// Process limit of the user cgroup (all user processes together).
-    #[arg(long, default_value_t = 16_384)]
-    pub user_pids_max: u64,
+    /// Process limit of the user cgroup (all user processes together; default: 1024 per
+    /// CPU, 1024..16384, at most one per MiB of memory).
+    #[arg(long)]
+    pub user_pids_max: Option<u64>,
 
-    /// Memory limit of the user cgroup in bytes (default: total memory minus
-    /// min(total/8, 128 MiB), leaving the agent room).
+    /// Memory limit of the user cgroup in bytes (default: the memory available at start
+    /// minus the agent's headroom, a sixteenth of the total within 64..512 MiB).
     #[arg(long)]
     pub user_memory_max: Option<u64>,
+
+    /// CPU weight of the user cgroup on cgroup v2's 1..10000 scale (everything else has
+    /// 100; v1 `cpu.shares` get weight × 1024 / 100).
+    #[arg(long, default_value_t = crate::sys::cgroup::USER_WEIGHT)]
+    pub user_cpu_weight: u64,
+
+    /// guestd's own nice value (applied at start where permitted; user processes and
+    /// kernels run at 0).
+    #[arg(long, default_value_t = -10, allow_negative_numbers = true)]
+    pub agent_nice: i32,
 
     /// `POST /files`: an upload whose body sends nothing for this many seconds fails
     /// (408) and leaves the previous file as it was.
@@ -142,7 +177,14 @@ pub struct Config {
     pub default_user: String,
     pub default_workdir: Option<PathBuf>,
     pub replay_buffer_bytes: usize,
+    pub replay_budget_bytes: usize,
+    pub output_pace_bytes: usize,
+    pub subscriber_buffer_bytes: usize,
     pub output_stall_timeout: Duration,
+    pub exit_retention: Duration,
+    pub exit_retention_bytes: usize,
+    /// Limits every user command sets for itself (filled in at startup).
+    pub child_rlimits: Vec<crate::sys::launch::Rlimit>,
     pub max_message_bytes: usize,
     pub code_port: u16,
     pub code_interpreter: bool,
@@ -167,7 +209,13 @@ impl From<&Cli> for Config {
             default_user: c.default_user.clone(),
             default_workdir: c.default_workdir.clone(),
             replay_buffer_bytes: c.replay_buffer_bytes,
+            replay_budget_bytes: c.replay_budget_bytes,
+            output_pace_bytes: c.output_pace_bytes.max(1),
+            subscriber_buffer_bytes: c.subscriber_buffer_bytes,
             output_stall_timeout: Duration::from_millis(c.output_stall_timeout_ms),
+            exit_retention: Duration::from_secs(c.exit_retention_secs),
+            exit_retention_bytes: c.exit_retention_bytes,
+            child_rlimits: Vec::new(),
             max_message_bytes: c.max_message_bytes,
             code_port: c.code_port,
             code_interpreter: !c.no_code_interpreter,
@@ -180,8 +228,10 @@ impl From<&Cli> for Config {
             cgroup_limits: {
                 let d = crate::sys::cgroup::Limits::defaults();
                 crate::sys::cgroup::Limits {
-                    pids_max: Some(c.user_pids_max),
+                    pids_max: c.user_pids_max.or(d.pids_max),
                     memory_max: c.user_memory_max.or(d.memory_max),
+                    cpu_weight: Some(c.user_cpu_weight.clamp(1, 10_000)),
+                    io_weight: d.io_weight,
                 }
             },
             upload_idle_timeout: Duration::from_secs(c.upload_idle_timeout_secs.max(1)),

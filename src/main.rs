@@ -18,10 +18,24 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(cli.log_format);
+    guestd::sys::memory::tune_allocator();
+    // Before any thread exists: threads inherit the nice value.
+    match guestd::sys::priority::set_own(cli.agent_nice) {
+        Ok(()) => tracing::info!(nice = cli.agent_nice, "agent priority set"),
+        Err(e) => tracing::warn!(
+            nice = cli.agent_nice,
+            error = %e,
+            "cannot raise guestd's priority; it keeps nice {}",
+            guestd::sys::priority::own_nice()
+        ),
+    }
     let config = Config::from(&cli);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("guestd")
+        // Blocking threads (launches, filesystem calls) pile up in bursts; idle ones go
+        // after 2 s instead of 10 so their stacks do not outlive the burst by long.
+        .thread_keep_alive(std::time::Duration::from_secs(2))
         .build()
         .context("starting the async runtime")?;
     let result = runtime.block_on(guestd::app::run(config));

@@ -204,3 +204,245 @@ async fn sigterm_ends_the_agent_and_frees_its_port() {
         unsafe { libc::kill(-p, libc::SIGKILL) };
     }
 }
+
+/// The case: subscriber A (the Start stream) reads only the headers, subscriber
+/// B (Connect to the pid) reads as fast as it can. B must never wait for A — with a
+/// stall timeout of ten minutes, finishing at all shows that — and A is dropped with an
+/// error that says where to reconnect; reconnecting with replay works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_never_stalls_another() {
+    let g = Guestd::start_with(&[
+        "--default-user",
+        "root",
+        "--no-code-interpreter",
+        "--output-stall-timeout-ms",
+        "600000",
+    ]);
+    let c = g.client();
+    let body = common::envelope(
+        0,
+        &Codec::Json.encode(&start_req(
+            "/bin/sh",
+            &["-c", "sleep 0.5; head -c 200000000 /dev/zero"],
+            false,
+        )),
+    );
+    // A: headers only; its body is not polled until B is done.
+    let a_resp = c
+        .send(
+            Method::POST,
+            "/process.Process/Start",
+            &[("content-type", Codec::Json.stream_ct())],
+            body,
+        )
+        .await;
+    assert_eq!(a_resp.status(), StatusCode::OK);
+    let list: pb::ListResponse = c
+        .unary(
+            Codec::Json,
+            "/process.Process/List",
+            &pb::ListRequest {},
+            &[],
+        )
+        .await
+        .expect("List");
+    let pid = list.processes[0].pid;
+    let mut b = c
+        .server_stream(
+            Codec::Json,
+            "/process.Process/Connect",
+            &pb::ConnectRequest {
+                process: Some(pb::ProcessSelector {
+                    selector: Some(pb::process_selector::Selector::Pid(pid)),
+                }),
+                replay_from: None,
+            },
+            &[],
+        )
+        .await;
+    let b_run = tokio::time::timeout(HANG, collect(&mut b))
+        .await
+        .expect("B waited for A");
+    assert_eq!(b_run.end.as_ref().expect("B's end").exit_code, 0);
+    // B connected during the sleep, so it saw every byte.
+    assert_eq!(b_run.stdout.len(), 200_000_000);
+
+    let mut a = common::RawStream::new(a_resp, Codec::Json);
+    let a_run = tokio::time::timeout(HANG, collect(&mut a))
+        .await
+        .expect("A's stream did not end");
+    assert!(a_run.end.is_none(), "A cannot have kept up");
+    let (code, msg) = error_of(&a_run);
+    assert_eq!(code, "resource_exhausted", "{msg}");
+    let from: u64 = msg
+        .split("replay_from=")
+        .nth(1)
+        .and_then(|t| t.split(|ch: char| !ch.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no replay offset in {msg:?}"));
+    assert_eq!(from, a_run.stdout.len() as u64, "{msg}");
+
+    // Reconnect with replay: the retained tail and the End; the start event says where
+    // the replay really begins (after a gap: only the last MiB is retained).
+    let mut r = c
+        .server_stream(
+            Codec::Json,
+            "/process.Process/Connect",
+            &pb::ConnectRequest {
+                process: Some(pb::ProcessSelector {
+                    selector: Some(pb::process_selector::Selector::Pid(pid)),
+                }),
+                replay_from: Some(from),
+            },
+            &[],
+        )
+        .await;
+    let first = r
+        .next_message::<pb::ConnectResponse>()
+        .await
+        .expect("start");
+    let Some(pb::process_event::Event::Start(st)) = first.event.and_then(|e| e.event) else {
+        panic!("expected a start event");
+    };
+    let replay_at = st.replay_offset.expect("replay offset");
+    assert!(replay_at >= from);
+    let rest = common::collect_rest(&mut r, pid).await;
+    assert_eq!(rest.end.as_ref().expect("end").exit_code, 0);
+    assert_eq!(replay_at + rest.stdout.len() as u64, 200_000_000);
+}
+
+/// A fork bomb, a CPU hog on every core and a memory hog at once, as `user`: every
+/// `/health` poll is answered, every `Start(/bin/true)` runs, the memory hog is killed
+/// by the user group's limit and its end says so, the bomb stays inside the group's pids
+/// limit, and after the kills no user process is left. (The latencies are in
+/// `benches/abuse.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_bomb_cpu_and_memory_hogs_at_once_leave_the_agent_serving() {
+    use common::cgroup::{TestCgroup, count_leaf_members};
+    let (user, ..) = common::ensure_test_user();
+    let cg = TestCgroup::create();
+    let mut g = Guestd::start_with(&[
+        "--default-user",
+        "root",
+        "--no-code-interpreter",
+        "--cgroup-root",
+        &cg.rel,
+        "--user-pids-max",
+        "1024",
+        "--user-memory-max",
+        "536870912",
+    ]);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let s = common::storm::storm(&g.base(), user, cpus, 8).await;
+
+    let failed = s.health.iter().filter(|h| h.is_none()).count();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} /health polls failed",
+        s.health.len()
+    );
+    assert!(s.health.len() >= 10);
+    let bad: Vec<_> = s.starts.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(bad.is_empty(), "Start(/bin/true) failed: {bad:?}");
+    let hog = s.hog_end.as_ref().expect("the memory hog ended");
+    assert!(hog.oom_killed, "typed OOM exit: {hog:?}");
+    assert!(
+        hog.error.as_deref().unwrap_or("").contains("out of memory"),
+        "{hog:?}"
+    );
+    assert_eq!(s.killed_ends.len(), 1 + cpus, "every killed command ended");
+    assert!(
+        s.killed_ends.iter().all(|e| e.status == "signal: killed"),
+        "{:?}",
+        s.killed_ends
+    );
+    // Nothing of the user's survives the kills.
+    let deadline = Instant::now() + HANG;
+    while count_leaf_members(&cg) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "user processes outlived the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(g.is_alive());
+    // The user group had its weight and limits.
+    for d in &cg.dirs {
+        let shares = d.join("user/cpu.shares");
+        if shares.exists() {
+            assert_eq!(std::fs::read_to_string(shares).unwrap().trim(), "102");
+        }
+        let pids = d.join("user/pids.max");
+        if pids.exists() {
+            assert_eq!(std::fs::read_to_string(pids).unwrap().trim(), "1024");
+        }
+    }
+}
+
+fn cap(bit: u32) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << bit) != 0)
+}
+
+fn nice_of(stat: &str) -> i32 {
+    stat[stat.rfind(')').expect("stat") + 2..]
+        .split_whitespace()
+        .nth(16)
+        .and_then(|n| n.parse().ok())
+        .expect("nice field")
+}
+
+/// guestd runs at a raised priority (nice −10 where CAP_SYS_NICE allows, OOM score −1000
+/// where CAP_SYS_RESOURCE does); its commands run at nice 0 with OOM score 100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_keeps_priority_over_its_commands() {
+    let g = Guestd::start();
+    let c = g.client();
+    let pid = g.pid();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    if cap(23) {
+        assert_eq!(nice_of(&stat), -10, "agent nice");
+        // Every thread, not just the main one (nice is per thread).
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("tasks")
+            .flatten()
+        {
+            let stat = std::fs::read_to_string(t.path().join("stat")).expect("task stat");
+            assert_eq!(nice_of(&stat), -10, "thread {:?}", t.file_name());
+        }
+    } else {
+        assert_eq!(
+            nice_of(&stat),
+            0,
+            "without CAP_SYS_NICE the nice value stays"
+        );
+    }
+    let score: i32 = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+        .expect("oom_score_adj")
+        .trim()
+        .parse()
+        .expect("score");
+    if cap(24) {
+        assert_eq!(score, -1000);
+    } else {
+        assert!(score < 100, "agent score {score}");
+    }
+    let r = run(
+        &c,
+        &start_req(
+            "/bin/sh",
+            &["-c", "cat /proc/self/oom_score_adj; cat /proc/self/stat"],
+            false,
+        ),
+    )
+    .await;
+    let out = String::from_utf8(r.stdout).expect("utf-8");
+    let (score, stat) = out.split_once('\n').expect("two outputs");
+    assert_eq!(score, "100");
+    assert_eq!(nice_of(stat), 0, "commands run at nice 0");
+}

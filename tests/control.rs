@@ -8,7 +8,8 @@ mod common;
 use std::io::{Read as _, Write as _};
 use std::time::{Duration, Instant};
 
-use common::{Codec, Frame, Guestd, envelope};
+use common::cgroup::{TestCgroup, count_leaf_members};
+use common::{Codec, Guestd, envelope};
 use guestd::proto::process as pb;
 use http::{Method, StatusCode};
 
@@ -528,6 +529,7 @@ async fn version_flags() {
 
 #[tokio::test]
 async fn loopback_listeners_are_forwarded_to_external_addresses() {
+    let _serial = FORWARDING.lock().await;
     let ext = guestd::portfwd::external_addresses()
         .into_iter()
         .find(|a| a.is_ipv4())
@@ -569,8 +571,13 @@ async fn loopback_listeners_are_forwarded_to_external_addresses() {
     assert_eq!(reply, "echo:ping");
 }
 
+/// Forwarding is machine-wide: the tests that turn it on or check that it is off must
+/// not overlap (tests of one binary run in parallel).
+static FORWARDING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn port_forwarding_can_be_turned_off() {
+    let _serial = FORWARDING.lock().await;
     let ext = guestd::portfwd::external_addresses()
         .into_iter()
         .find(|a| a.is_ipv4())
@@ -593,273 +600,6 @@ async fn port_forwarding_can_be_turned_off() {
 // The agent survives its users.
 
 /// A cgroup (in every hierarchy guestd would use) that this test owns and removes.
-struct TestCgroup {
-    rel: String,
-    dirs: Vec<std::path::PathBuf>,
-}
-
-impl TestCgroup {
-    fn create() -> TestCgroup {
-        // Unique per test: tests of this binary run in parallel.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let rel = format!("/guestd-ci-{}-{n}", std::process::id());
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-        let mut dirs = Vec::new();
-        for line in mounts.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let usable = f[2] == "cgroup2"
-                || (f[2] == "cgroup" && (f[3].contains("pids") || f[3].contains("memory")));
-            if usable {
-                let d = std::path::Path::new(f[1]).join(&rel[1..]);
-                if std::fs::create_dir_all(&d).is_ok() {
-                    dirs.push(d);
-                }
-            }
-        }
-        assert!(
-            !dirs.is_empty(),
-            "the test needs a writable cgroup hierarchy"
-        );
-        TestCgroup { rel, dirs }
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        // Stragglers first (a failed test may leave processes behind), then bottom-up
-        // removal of everything below our directories (leaves, then groups).
-        for d in &self.dirs {
-            let _ = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "cat $(find {} -name cgroup.procs) 2>/dev/null | xargs -r kill -9",
-                    d.display()
-                ))
-                .status();
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        for d in &self.dirs {
-            let _ = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "find {} -depth -type d -exec rmdir {{}} \\; 2>/dev/null",
-                    d.display()
-                ))
-                .status();
-        }
-    }
-}
-
-/// Processes in the command leaves of the test's user group (largest hierarchy count).
-fn count_leaf_members(cg: &TestCgroup) -> usize {
-    cg.dirs
-        .iter()
-        .filter_map(|d| {
-            let out = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "cat {}/user/*/cgroup.procs 2>/dev/null | wc -l",
-                    d.display()
-                ))
-                .output()
-                .ok()?;
-            String::from_utf8(out.stdout)
-                .ok()?
-                .trim()
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0)
-}
-
-fn has_cap_sys_resource() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .unwrap()
-        .trim();
-    u64::from_str_radix(eff, 16).unwrap() & (1 << 24) != 0
-}
-
-async fn health_latency(port: u16) -> Duration {
-    let t = Instant::now();
-    let c = common::Client::new(&format!("http://127.0.0.1:{port}"));
-    let r = tokio::time::timeout(
-        Duration::from_secs(5),
-        c.fetch(Method::GET, "/health", &[], ""),
-    )
-    .await;
-    assert!(
-        matches!(r, Ok((StatusCode::NO_CONTENT, _, _))),
-        "/health failed during the abuse"
-    );
-    t.elapsed()
-}
-
-#[tokio::test]
-async fn fork_bomb_and_memory_hog_do_not_take_the_agent_down() {
-    let cg = TestCgroup::create();
-    let mut g = Guestd::start_with(&[
-        "--default-user",
-        "root",
-        "--no-code-interpreter",
-        "--cgroup-root",
-        &cg.rel,
-        "--user-pids-max",
-        "200",
-        "--user-memory-max",
-        "268435456",
-    ]);
-    let c = g.client();
-    let agent_score: i32 = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", g.pid()))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    if has_cap_sys_resource() {
-        assert_eq!(
-            agent_score, -1000,
-            "the agent asks the OOM killer to spare it"
-        );
-    } else {
-        // Lowering a score needs CAP_SYS_RESOURCE (some VMs withhold it): the agent
-        // then keeps its inherited score, still below its users' 100.
-        assert!(agent_score < 100, "agent score {agent_score}");
-    }
-
-    // Fork bomb.
-    let bomb = pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: "/bin/bash".into(),
-            args: vec![
-                "-c".into(),
-                "cat /proc/self/oom_score_adj; b() { b | b & }; b; exec sleep 1000".into(),
-            ],
-            envs: Default::default(),
-            cwd: None,
-        }),
-        pty: None,
-        tag: Some("bomb".into()),
-        stdin: Some(false),
-    };
-    let mut s = c
-        .server_stream(Codec::Json, "/process.Process/Start", &bomb, &[])
-        .await;
-    let pid = match s
-        .next_message::<pb::StartResponse>()
-        .await
-        .unwrap()
-        .event
-        .and_then(|e| e.event)
-    {
-        Some(pb::process_event::Event::Start(st)) => st.pid,
-        other => panic!("{other:?}"),
-    };
-    let mut worst = Duration::ZERO;
-    let until = Instant::now() + Duration::from_secs(4);
-    while Instant::now() < until {
-        worst = worst.max(health_latency(g.port).await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // The group hit its pids limit: it holds about 200 processes, not thousands.
-    let leaf_members = count_leaf_members(&cg);
-    assert!(
-        leaf_members > 0 && leaf_members <= 200,
-        "fork bomb size {leaf_members}"
-    );
-    // Kill it: the whole leaf goes.
-    let (st, _, _) = c
-        .fetch(
-            Method::POST,
-            "/process.Process/SendSignal",
-            &[("content-type", "application/json")],
-            r#"{"process":{"tag":"bomb"},"signal":"SIGNAL_SIGKILL"}"#.to_string(),
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK);
-    let mut out = Vec::new();
-    let end = loop {
-        match s.next_frame_within(Duration::from_secs(30)).await {
-            Some(Frame::Message(b)) => {
-                let m: pb::StartResponse = Codec::Json.decode(&b);
-                match m.event.and_then(|e| e.event) {
-                    Some(pb::process_event::Event::End(e)) => break e,
-                    Some(pb::process_event::Event::Data(d)) => {
-                        if let Some(pb::process_event::data_event::Output::Stdout(b)) = d.output {
-                            out.extend_from_slice(&b)
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            other => panic!("no end: {other:?}"),
-        }
-    };
-    assert_eq!(end.status, "signal: killed");
-    assert!(
-        String::from_utf8_lossy(&out).starts_with("100\n"),
-        "user processes get oom_score_adj 100"
-    );
-    let _ = pid;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count_leaf_members(&cg) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the fork bomb's processes outlived the kill"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    // Memory hog: the OOM killer ends it inside the user group, and the End says so.
-    let hog = pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: "/usr/bin/python3".into(),
-            args: vec![
-                "-c".into(),
-                "x = []\nwhile True: x.append(bytearray(16 << 20))".into(),
-            ],
-            envs: Default::default(),
-            cwd: None,
-        }),
-        pty: None,
-        tag: None,
-        stdin: Some(false),
-    };
-    let mut s = c
-        .server_stream(Codec::Proto, "/process.Process/Start", &hog, &[])
-        .await;
-    let end = loop {
-        worst = worst.max(health_latency(g.port).await);
-        match s.next_frame_within(Duration::from_secs(60)).await {
-            Some(Frame::Message(b)) => {
-                let m: pb::StartResponse = Codec::Proto.decode(&b);
-                if let Some(pb::process_event::Event::End(e)) = m.event.and_then(|e| e.event) {
-                    break e;
-                }
-            }
-            other => panic!("no end: {other:?}"),
-        }
-    };
-    assert!(end.oom_killed, "typed OOM exit: {end:?}");
-    assert_eq!(end.status, "signal: killed");
-    assert!(
-        end.error.as_deref().unwrap_or("").contains("out of memory"),
-        "{end:?}"
-    );
-    assert!(g.is_alive(), "guestd survived");
-    assert!(
-        worst < Duration::from_secs(2),
-        "/health stayed responsive (worst {worst:?})"
-    );
-
-    // The agent still works normally.
-    let env = run_env(&c, &[("X", "after")]).await;
-    assert_eq!(env["X"], "after");
-}
-
 /// NDJSON lines of one `/execute`.
 async fn execute_lines(c: &common::Client, code: &str) -> Vec<serde_json::Value> {
     let (st, _, body) = c
@@ -983,6 +723,7 @@ fn kernel_ports(guestd_pid: u32) -> Vec<u16> {
 
 #[tokio::test]
 async fn kernel_sockets_are_never_forwarded() {
+    let _serial = FORWARDING.lock().await;
     if !std::path::Path::new("/opt/guestd/python/bin/python").exists() {
         assert!(
             std::env::var_os("GUESTD_REQUIRE_ALL_KERNELS").is_none(),

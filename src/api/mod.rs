@@ -61,14 +61,17 @@ impl Agent {
     ) -> Arc<Agent> {
         let processes = crate::process::ProcessManager::new(crate::process::ManagerConfig {
             replay_buffer_bytes: config.replay_buffer_bytes,
-            subscriber_queue_chunks: 64,
+            replay_budget_bytes: config.replay_budget_bytes,
+            pace_bytes: config.output_pace_bytes,
+            subscriber_buffer_bytes: config.subscriber_buffer_bytes,
             stall_timeout: config.output_stall_timeout,
-            exit_retention: std::time::Duration::from_secs(30),
+            exit_retention: config.exit_retention,
+            exit_retention_bytes: config.exit_retention_bytes,
             agent_path_env: std::env::var("PATH").unwrap_or_else(|_| {
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
             }),
             cgroups,
-            child_rlimits: Vec::new(),
+            child_rlimits: config.child_rlimits.clone(),
         });
         let token = Arc::new(AccessToken::default());
         // Recursive watches of a template's tree need more than the kernel's 8192.

@@ -76,12 +76,16 @@ pub(crate) fn is_resource_exhaustion(err: &io::Error) -> bool {
 pub enum SubscriptionError {
     /// `resource_exhausted`: this subscriber did not keep up with the output.
     #[error(
-        "output subscriber dropped: it did not read output for {stall_ms} ms while its queue \
-         was full; reconnect with replay to resume from the last received offset ({next_offset})"
+        "output subscriber dropped: it fell {behind} bytes behind the process's output \
+         (its buffer is {buffer} bytes) while the process or a faster reader went on; \
+         reconnect with replay_from={next_offset} to resume from the last byte received \
+         (output still retained is replayed, the start event's replay offset shows any gap)"
     )]
-    Stalled {
-        /// The stall timeout that expired, in milliseconds.
-        stall_ms: u64,
+    Lagged {
+        /// How far behind it was when dropped.
+        behind: u64,
+        /// The per-subscriber buffer it exceeded.
+        buffer: usize,
         /// Output offset right after the last chunk this subscriber received: reconnect
         /// with `replay_from` set to this to continue without a gap (if still retained).
         next_offset: u64,

@@ -9,6 +9,7 @@
 //! has exited, output held open by stray descendants is waited for at most
 //! [`OUTPUT_GRACE`].
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::error::ProcessError;
-use super::output::Hub;
+use super::output::{Hub, OutputPolicy};
 use super::spawn::{self, ParentIo, Spawned};
 use super::{
     CommandConfig, ExitInfo, Input, ManagerConfig, OutputKind, ProcessSummary, PtySize, Selector,
@@ -47,20 +48,92 @@ pub struct ProcessManager {
 
 struct Shared {
     cfg: ManagerConfig,
+    policy: Arc<OutputPolicy>,
     registry: Mutex<Registry>,
+}
+
+/// Fixed bookkeeping cost charged per retained ended process (the record, its queue
+/// slot and strings), on top of its retained output.
+const ENDED_OVERHEAD: usize = 256;
+
+/// What is kept of an ended process until its retention ends.
+struct Ended {
+    pid: u32,
+    tag: Option<String>,
+    info: ExitInfo,
+    /// Its output, until the retention budget evicts it (then only the End is left).
+    hub: Option<Arc<Hub>>,
+    /// Output offset after its last byte.
+    final_offset: u64,
+    at: Instant,
+    /// Bytes charged to the retention budget (overhead, strings, retained output).
+    cost: usize,
+    /// The retained output's part of `cost`.
+    output: usize,
+}
+
+impl Ended {
+    fn matches(&self, sel: &Selector) -> bool {
+        match sel {
+            Selector::Pid(pid) => self.pid == *pid,
+            Selector::Tag(tag) => self.tag.as_deref() == Some(tag.as_str()),
+        }
+    }
+
+    fn subscribe(&self, replay_from: Option<u64>) -> Subscription {
+        match &self.hub {
+            Some(hub) => hub.subscribe(self.pid, replay_from),
+            None => Subscription::ended(
+                self.pid,
+                self.final_offset,
+                replay_from.is_some(),
+                self.info.clone(),
+            ),
+        }
+    }
 }
 
 #[derive(Default)]
 struct Registry {
     /// Not yet ended, in start order.
     live: Vec<Arc<Proc>>,
-    /// Ended within the retention period, in end order.
-    ended: Vec<(Arc<Proc>, Instant)>,
+    /// Ended within the retention period, oldest first.
+    ended: VecDeque<Ended>,
+    /// Sum of the `cost` of `ended`.
+    ended_cost: usize,
 }
 
 impl Registry {
-    fn prune(&mut self, retention: Duration) {
-        self.ended.retain(|(_, at)| at.elapsed() < retention);
+    /// Forgets ended processes older than `ttl`.
+    fn prune(&mut self, ttl: Duration) {
+        while let Some(front) = self.ended.front() {
+            if front.at.elapsed() < ttl {
+                break;
+            }
+            self.ended_cost -= front.cost;
+            self.ended.pop_front();
+        }
+    }
+
+    /// Keeps the ended processes within `budget` bytes: first the oldest retained
+    /// outputs go (their End stays), then the oldest records.
+    fn enforce_budget(&mut self, budget: usize) {
+        for e in self.ended.iter_mut() {
+            if self.ended_cost <= budget {
+                return;
+            }
+            if e.hub.take().is_some() {
+                self.ended_cost -= e.output;
+                e.cost -= e.output;
+                e.output = 0;
+            }
+        }
+        while self.ended_cost > budget {
+            match self.ended.pop_front() {
+                Some(e) => self.ended_cost -= e.cost,
+                None => break,
+            }
+        }
     }
 
     fn find_live(&self, sel: &Selector) -> Option<Arc<Proc>> {
@@ -68,27 +141,41 @@ impl Registry {
         self.live.iter().rev().find(|p| p.matches(sel)).cloned()
     }
 
-    fn find_any(&self, sel: &Selector) -> Option<Arc<Proc>> {
-        self.find_live(sel).or_else(|| {
-            self.ended
-                .iter()
-                .rev()
-                .find(|(p, _)| p.matches(sel))
-                .map(|(p, _)| p.clone())
-        })
-    }
-
     fn register(&mut self, p: Arc<Proc>) {
         // A new process replaces the retained End of the same pid or tag.
+        let before = self.ended.len();
         self.ended
-            .retain(|(e, _)| e.pid != p.pid && (p.tag.is_none() || e.tag != p.tag));
+            .retain(|e| e.pid != p.pid && (p.tag.is_none() || e.tag != p.tag));
+        if self.ended.len() != before {
+            self.ended_cost = self.ended.iter().map(|e| e.cost).sum();
+        }
         self.live.push(p);
     }
 
-    fn mark_ended(&mut self, p: &Arc<Proc>) {
+    fn mark_ended(&mut self, p: &Arc<Proc>, info: &ExitInfo, budget: usize) {
         self.live.retain(|x| !Arc::ptr_eq(x, p));
-        self.ended.retain(|(e, _)| e.pid != p.pid);
-        self.ended.push((p.clone(), Instant::now()));
+        let before = self.ended.len();
+        self.ended.retain(|e| e.pid != p.pid);
+        if self.ended.len() != before {
+            self.ended_cost = self.ended.iter().map(|e| e.cost).sum();
+        }
+        let strings = p.tag.as_ref().map_or(0, String::len)
+            + info.status.len()
+            + info.error.as_ref().map_or(0, String::len);
+        let output = p.hub.retained_bytes();
+        let cost = ENDED_OVERHEAD + strings + output;
+        self.ended_cost += cost;
+        self.ended.push_back(Ended {
+            pid: p.pid,
+            tag: p.tag.clone(),
+            info: info.clone(),
+            hub: (output > 0).then(|| p.hub.clone()),
+            final_offset: p.hub.next_offset(),
+            at: Instant::now(),
+            cost,
+            output,
+        });
+        self.enforce_budget(budget);
     }
 }
 
@@ -229,12 +316,22 @@ fn stat_session(stat: &str) -> Option<i32> {
 
 impl ProcessManager {
     pub fn new(cfg: ManagerConfig) -> Arc<Self> {
-        Arc::new(ProcessManager {
-            shared: Arc::new(Shared {
-                cfg,
-                registry: Mutex::new(Registry::default()),
-            }),
-        })
+        let policy = OutputPolicy::new(
+            cfg.replay_buffer_bytes,
+            cfg.replay_budget_bytes,
+            cfg.pace_bytes,
+            cfg.subscriber_buffer_bytes,
+            cfg.stall_timeout,
+        );
+        let shared = Arc::new(Shared {
+            cfg,
+            policy,
+            registry: Mutex::new(Registry::default()),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweep_ended(Arc::downgrade(&shared)));
+        }
+        Arc::new(ProcessManager { shared })
     }
 
     /// Starts a process. The returned subscription (the Start stream's) was attached
@@ -261,13 +358,18 @@ impl ProcessManager {
         sel: &Selector,
         replay_from: Option<u64>,
     ) -> Result<Subscription, ProcessError> {
-        let p = {
-            let mut reg = lock(&self.shared.registry);
-            reg.prune(self.shared.cfg.exit_retention);
-            reg.find_any(sel)
-        };
-        let p = p.ok_or_else(|| ProcessError::NotFound(sel.clone()))?;
-        Ok(p.hub.subscribe(p.pid, replay_from))
+        let mut reg = lock(&self.shared.registry);
+        reg.prune(self.shared.cfg.exit_retention);
+        if let Some(p) = reg.find_live(sel) {
+            drop(reg);
+            return Ok(p.hub.subscribe(p.pid, replay_from));
+        }
+        reg.ended
+            .iter()
+            .rev()
+            .find(|e| e.matches(sel))
+            .map(|e| e.subscribe(replay_from))
+            .ok_or_else(|| ProcessError::NotFound(sel.clone()))
     }
 
     /// Live (not yet ended) processes.
@@ -286,6 +388,13 @@ impl ProcessManager {
 
     pub fn live_count(&self) -> usize {
         lock(&self.shared.registry).live.len()
+    }
+
+    /// Ended processes still retained, and the bytes charged for them.
+    pub fn retained(&self) -> (usize, usize) {
+        let mut reg = lock(&self.shared.registry);
+        reg.prune(self.shared.cfg.exit_retention);
+        (reg.ended.len(), reg.ended_cost)
     }
 
     fn find_live(&self, sel: &Selector) -> Result<Arc<Proc>, ProcessError> {
@@ -393,11 +502,7 @@ async fn start_inner(shared: Arc<Shared>, spec: StartSpec) -> Result<Subscriptio
     })?;
 
     let cfg = &shared.cfg;
-    let hub = Arc::new(Hub::new(
-        cfg.replay_buffer_bytes,
-        cfg.subscriber_queue_chunks,
-        cfg.stall_timeout,
-    ));
+    let hub = Arc::new(Hub::new(shared.policy.clone()));
     // The Start stream's subscription exists before the child can write.
     let mut sub = hub.subscribe(0, None);
     let stdin = spec.stdin && spec.pty.is_none();
@@ -473,11 +578,7 @@ async fn start_inner(shared: Arc<Shared>, spec: StartSpec) -> Result<Subscriptio
         kill_reason: Mutex::new(None),
         leaf,
     });
-    {
-        let mut reg = lock(&shared.registry);
-        reg.prune(cfg.exit_retention);
-        reg.register(proc.clone());
-    }
+    lock(&shared.registry).register(proc.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let readers: Vec<JoinHandle<()>> = readers_io
@@ -572,12 +673,11 @@ async fn supervise(
         info = info.with_oom_kill();
     }
     proc.close_io();
-    let retention = if let Some(shared) = shared.upgrade() {
-        lock(&shared.registry).mark_ended(&proc);
-        Some(shared.cfg.exit_retention)
-    } else {
-        None
-    };
+    if let Some(shared) = shared.upgrade() {
+        let mut reg = lock(&shared.registry);
+        reg.prune(shared.cfg.exit_retention);
+        reg.mark_ended(&proc, &info, shared.cfg.exit_retention_bytes);
+    }
     proc.done.send_replace(true);
     let counts = proc.hub.counts();
     tracing::info!(
@@ -599,15 +699,24 @@ async fn supervise(
     if let Some(leaf) = &proc.leaf {
         leaf.clone().remove_when_empty();
     }
-    // The registry holds the retained entry; this task must not extend its life.
-    drop(proc);
+}
 
-    // Drop the retained entry (and its replay ring) when the retention expires.
-    if let Some(retention) = retention {
-        tokio::time::sleep(retention).await;
-        if let Some(shared) = shared.upgrade() {
-            let mut reg = lock(&shared.registry);
-            reg.prune(retention);
+/// Drops ended processes past their retention, once a second while there are any (one
+/// task per manager, not a timer per process).
+async fn sweep_ended(shared: Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut reg = lock(&shared.registry);
+        if !reg.ended.is_empty() {
+            reg.prune(shared.cfg.exit_retention);
+            if reg.ended.is_empty() {
+                reg.ended.shrink_to(16);
+            }
         }
     }
 }

@@ -39,17 +39,26 @@ pub use error::{ProcessError, SubscriptionError};
 pub use manager::ProcessManager;
 pub use output::Subscription;
 
-/// Tunables of the [`ProcessManager`].
+/// Tunables of the [`ProcessManager`] (the flags of the same names; see `guestd --help`).
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
-    /// Per-process retained output for replay, in bytes (all streams combined).
+    /// Most output one process retains for replay, in bytes (all streams combined).
     pub replay_buffer_bytes: usize,
-    /// Per-subscriber bounded queue, in chunks.
-    pub subscriber_queue_chunks: usize,
-    /// A subscriber whose full queue made no progress this long is dropped.
+    /// About how much replay output all live processes retain together: each keeps
+    /// `min(replay_buffer_bytes, max(budget / live processes, 64 KiB))`.
+    pub replay_budget_bytes: usize,
+    /// The process is paced (its output pipe fills) while every subscriber is at least
+    /// this many bytes behind.
+    pub pace_bytes: usize,
+    /// A subscriber further behind than this is dropped with an error.
+    pub subscriber_buffer_bytes: usize,
+    /// Longest wait for a lagging subscriber to read before the process runs free.
     pub stall_timeout: Duration,
     /// How long an ended process stays connectable.
     pub exit_retention: Duration,
+    /// Most bytes all retained ended processes may hold (records and their output);
+    /// beyond it the oldest outputs, then the oldest records, go first.
+    pub exit_retention_bytes: usize,
     /// `PATH` copied into every child environment (guestd's own `PATH`).
     pub agent_path_env: String,
     /// Where each command gets its own cgroup leaf (`None`: no cgroups).
@@ -63,9 +72,12 @@ impl Default for ManagerConfig {
     fn default() -> Self {
         Self {
             replay_buffer_bytes: 1 << 20,
-            subscriber_queue_chunks: 64,
-            stall_timeout: Duration::from_secs(10),
+            replay_budget_bytes: 64 << 20,
+            pace_bytes: 256 << 10,
+            subscriber_buffer_bytes: 4 << 20,
+            stall_timeout: Duration::from_millis(100),
             exit_retention: Duration::from_secs(30),
+            exit_retention_bytes: 4 << 20,
             agent_path_env: std::env::var("PATH").unwrap_or_default(),
             cgroups: None,
             child_rlimits: Vec::new(),

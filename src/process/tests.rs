@@ -17,12 +17,9 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 fn cfg() -> ManagerConfig {
     ManagerConfig {
         cgroups: None,
-        replay_buffer_bytes: 1 << 20,
-        subscriber_queue_chunks: 64,
         stall_timeout: Duration::from_millis(300),
-        exit_retention: Duration::from_secs(30),
         agent_path_env: PATH.into(),
-        child_rlimits: Vec::new(),
+        ..ManagerConfig::default()
     }
 }
 
@@ -730,49 +727,78 @@ async fn output_held_by_a_descendant_delays_the_end_until_a_signal() {
 // ---------------------------------------------------------------------------------
 // Fan-out
 
+/// A subscriber that never reads is dropped once a buffer behind, with the offset to
+/// resume from; the reader next to it gets every byte and never waits for it (the
+/// stall timeout is far longer than the test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_subscriber_is_dropped_and_the_process_completes() {
+async fn a_subscriber_that_stops_reading_is_dropped_and_others_go_on() {
     let m = mgr_with(ManagerConfig {
-        subscriber_queue_chunks: 4,
+        pace_bytes: 64 << 10,
+        subscriber_buffer_bytes: 256 << 10,
+        stall_timeout: Duration::from_secs(600),
         ..cfg()
     });
-    let started = Instant::now();
     let mut fast = m
         .start(spec("head", &["-c", "4000000", "/dev/zero"]))
         .await
         .unwrap();
     let mut stuck = m.connect(&Selector::Pid(fast.pid()), None).unwrap();
     let out = collect(&mut fast).await;
-    let elapsed = started.elapsed();
     assert_eq!(out.stdout.len(), 4_000_000);
     assert_eq!(out.end().exit_code, 0);
     assert!(out.error.is_none());
-    assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
-    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
 
-    let mut chunks = 0;
-    let err = loop {
-        match stuck.next().await {
-            Some(Ok(Event::Data(..))) => chunks += 1,
-            Some(Err(e)) => break e,
-            other => panic!("unexpected {other:?}"),
-        }
+    let err = match stuck.next().await {
+        Some(Err(e)) => e,
+        other => panic!("expected the lag error first, got {other:?}"),
     };
-    assert!(chunks <= 4);
-    let SubscriptionError::Stalled { next_offset, .. } = err.clone();
+    let SubscriptionError::Lagged {
+        next_offset,
+        buffer,
+        behind,
+    } = err.clone();
     assert_eq!(next_offset, stuck.offset());
-    assert!(err.to_string().contains("reconnect with replay"), "{err}");
+    assert_eq!(buffer, 256 << 10);
+    assert!(behind > 256 << 10);
+    assert!(
+        err.to_string().contains("reconnect with replay_from="),
+        "{err}"
+    );
     assert_eq!(stuck.next().await, None);
+}
+
+/// A sole subscriber that stops reading holds the process only for the stall timeout;
+/// then the process finishes without it and the subscriber learns it was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sole_subscriber_does_not_hold_the_process() {
+    let m = mgr_with(ManagerConfig {
+        pace_bytes: 64 << 10,
+        subscriber_buffer_bytes: 256 << 10,
+        stall_timeout: Duration::from_millis(100),
+        ..cfg()
+    });
+    let mut stuck = m
+        .start(spec("head", &["-c", "4000000", "/dev/zero"]))
+        .await
+        .unwrap();
+    let pid = stuck.pid();
+    eventually("process ended", || m.list().is_empty()).await;
+    assert!(matches!(
+        stuck.next().await,
+        Some(Err(SubscriptionError::Lagged { .. }))
+    ));
+    // The End is still there for whoever connects.
+    let mut c = m.connect(&Selector::Pid(pid), None).unwrap();
+    assert_eq!(collect(&mut c).await.end().exit_code, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_subscriber_never_blocks() {
     let m = mgr_with(ManagerConfig {
-        subscriber_queue_chunks: 2,
-        stall_timeout: Duration::from_secs(30),
+        pace_bytes: 64 << 10,
+        stall_timeout: Duration::from_secs(600),
         ..cfg()
     });
-    let started = Instant::now();
     let mut sub = m
         .start(spec("head", &["-c", "4000000", "/dev/zero"]))
         .await
@@ -781,7 +807,6 @@ async fn a_dropped_subscriber_never_blocks() {
     drop(gone);
     let out = collect(&mut sub).await;
     assert_eq!(out.stdout.len(), 4_000_000);
-    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 #[tokio::test]

@@ -25,6 +25,10 @@ enum Kind {
     V2,
     V1Pids,
     V1Memory,
+    /// v1 `cpu`: only the group (a weight for all user work together), no leaves.
+    V1Cpu,
+    /// v1 `blkio`: only the group, no leaves.
+    V1Blkio,
 }
 
 #[derive(Debug, Clone)]
@@ -36,28 +40,79 @@ struct Hier {
     v2_memory: bool,
 }
 
-/// Limits of the `user` group.
+/// Limits and weights of the `user` group.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {
     pub pids_max: Option<u64>,
     pub memory_max: Option<u64>,
+    /// CPU weight on cgroup v2's scale (1..=10000, default 100); v1 `cpu.shares` get
+    /// `weight * 1024 / 100`.
+    pub cpu_weight: Option<u64>,
+    /// I/O weight on cgroup v2's scale (1..=10000, default 100); v1 `blkio.weight`
+    /// (10..=1000, default 500) gets `weight * 5`, clamped.
+    pub io_weight: Option<u64>,
+}
+
+/// Default CPU and I/O weight of the user group: a tenth of everything else's, so the
+/// agent (in its own group or the root group, with default or higher weight) is served
+/// first however many processes user code starts.
+pub const USER_WEIGHT: u64 = 10;
+
+/// Memory figures from `/proc/meminfo`, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemInfo {
+    pub total: u64,
+    pub available: u64,
+}
+
+impl MemInfo {
+    pub fn read() -> Option<MemInfo> {
+        Self::parse(&std::fs::read_to_string("/proc/meminfo").ok()?)
+    }
+
+    pub fn parse(text: &str) -> Option<MemInfo> {
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|kb| kb * 1024)
+        };
+        let total = field("MemTotal:")?;
+        Some(MemInfo {
+            total,
+            available: field("MemAvailable:").unwrap_or(total),
+        })
+    }
 }
 
 impl Limits {
-    /// The reference's memory rule (leave the agent min(MemTotal/8, 128 MiB)) and a pids
-    /// cap that leaves guestd room to fork and spawn threads.
+    /// Limits sized to this machine (see [`Limits::for_machine`]).
     pub fn defaults() -> Limits {
-        let total = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find_map(|l| l.strip_prefix("MemTotal:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map(|kb| kb * 1024);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        Limits::for_machine(MemInfo::read(), cpus)
+    }
+
+    /// * memory: what is available now minus the agent's headroom (a sixteenth of the
+    ///   memory, 64 MiB..512 MiB). Taking `MemTotal` instead (the reference's rule)
+    ///   ignores what the kernel and everything outside the group already use: the
+    ///   group then never reaches its limit and the machine-wide OOM killer, which may
+    ///   pick the agent or a kernel, fires first.
+    /// * pids: 1024 per CPU (at least 1024, at most 16384), but no more than one per MiB
+    ///   of memory (never under 1024): enough for builds and browsers, few enough that a
+    ///   fork bomb fills it before it floods the scheduler.
+    /// * CPU and I/O weight: [`USER_WEIGHT`].
+    pub fn for_machine(mem: Option<MemInfo>, cpus: u64) -> Limits {
+        let memory_max = mem.map(|m| {
+            let headroom = (m.total / 16).clamp(64 << 20, 512 << 20);
+            m.available.saturating_sub(headroom).max(64 << 20)
+        });
+        let by_cpu = (1024 * cpus.max(1)).min(16_384);
+        let by_mem = mem.map_or(u64::MAX, |m| (m.total >> 20).max(1024));
         Limits {
-            pids_max: Some(16_384),
-            memory_max: total.map(|t| t - (t / 8).min(128 << 20)),
+            pids_max: Some(by_cpu.min(by_mem)),
+            memory_max,
+            cpu_weight: Some(USER_WEIGHT),
+            io_weight: Some(USER_WEIGHT),
         }
     }
 }
@@ -92,6 +147,8 @@ struct Mounts {
     v2: Option<PathBuf>,
     v1_pids: Option<PathBuf>,
     v1_memory: Option<PathBuf>,
+    v1_cpu: Option<PathBuf>,
+    v1_blkio: Option<PathBuf>,
 }
 
 fn mounts() -> Mounts {
@@ -100,6 +157,8 @@ fn mounts() -> Mounts {
         v2: None,
         v1_pids: None,
         v1_memory: None,
+        v1_cpu: None,
+        v1_blkio: None,
     };
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -115,7 +174,13 @@ fn mounts() -> Mounts {
                     m.v1_pids = Some(path.clone());
                 }
                 if opts.contains(&"memory") {
-                    m.v1_memory = Some(path);
+                    m.v1_memory = Some(path.clone());
+                }
+                if opts.contains(&"cpu") {
+                    m.v1_cpu = Some(path.clone());
+                }
+                if opts.contains(&"blkio") {
+                    m.v1_blkio = Some(path);
                 }
             }
             _ => {}
@@ -174,6 +239,7 @@ impl Cgroups {
         };
         let mut hiers = Vec::new();
         let mut v2_has = (false, false);
+        let mut v2_weights = (false, false);
 
         if let Some(mount) = &m.v2 {
             let base = match root {
@@ -197,6 +263,12 @@ impl Cgroups {
                     if has("memory") {
                         enable.push("+memory");
                     }
+                    if has("cpu") {
+                        enable.push("+cpu");
+                    }
+                    if has("io") {
+                        enable.push("+io");
+                    }
                     for e in &enable {
                         if let Err(err) = write(&base_dir.join("cgroup.subtree_control"), e) {
                             tracing::warn!(controller = e, error = %err, "cannot enable a cgroup v2 controller");
@@ -217,6 +289,19 @@ impl Cgroups {
                     if v2_has.1 {
                         apply(&group.join("memory.max"), limits.memory_max);
                         apply(&group.join("memory.high"), limits.memory_max);
+                    }
+                    v2_weights = (
+                        group_has.split_whitespace().any(|x| x == "cpu"),
+                        group_has.split_whitespace().any(|x| x == "io"),
+                    );
+                    if v2_weights.0 {
+                        apply(&group.join("cpu.weight"), limits.cpu_weight);
+                    }
+                    if v2_weights.1 {
+                        apply(
+                            &group.join("io.weight"),
+                            limits.io_weight.map(|w| w.clamp(1, 10_000)),
+                        );
                     }
                     hiers.push(Hier {
                         kind: Kind::V2,
@@ -265,6 +350,53 @@ impl Cgroups {
                 Err(e) => tracing::warn!(error = %e, "cgroup v1 memory is not writable"),
             }
         }
+        // Weights: the group only (user work as a whole against the agent), joined by
+        // every command next to its leaves.
+        let v1_weights = [
+            (
+                !v2_weights.0,
+                &m.v1_cpu,
+                "cpu",
+                Kind::V1Cpu,
+                "cpu.shares",
+                limits.cpu_weight.map(|w| (w * 1024 / 100).max(2)),
+            ),
+            (
+                !v2_weights.1,
+                &m.v1_blkio,
+                "blkio",
+                Kind::V1Blkio,
+                "blkio.weight",
+                limits.io_weight.map(|w| (w * 5).clamp(10, 1000)),
+            ),
+        ];
+        for (wanted, mount, controller, kind, file, value) in v1_weights {
+            let (true, Some(mount), Some(value)) = (wanted, mount, value) else {
+                continue;
+            };
+            if hiers.is_empty() {
+                // Weights alone are no reason to manage cgroups.
+                break;
+            }
+            let base = root
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| own_path(Some(controller)));
+            let group = under(mount, &base).join(name);
+            match mkdir(&group) {
+                Ok(()) => {
+                    // blkio.weight exists only with a proportional I/O scheduler.
+                    if group.join(file).exists() {
+                        apply(&group.join(file), Some(value));
+                    }
+                    hiers.push(Hier {
+                        kind,
+                        group,
+                        v2_memory: false,
+                    });
+                }
+                Err(e) => tracing::warn!(controller, error = %e, "cgroup v1 is not writable"),
+            }
+        }
         if hiers.is_empty() {
             return Err(CgroupError::Unavailable);
         }
@@ -272,6 +404,8 @@ impl Cgroups {
             groups = ?hiers.iter().map(|h| h.group.display().to_string()).collect::<Vec<_>>(),
             pids_max = limits.pids_max,
             memory_max = limits.memory_max,
+            cpu_weight = limits.cpu_weight,
+            io_weight = limits.io_weight,
             "user processes run in their own cgroup"
         );
         Ok(Cgroups {
@@ -294,6 +428,13 @@ impl Cgroups {
         let mut dirs = Vec::new();
         let mut procs = Vec::new();
         for h in &self.hiers {
+            if matches!(h.kind, Kind::V1Cpu | Kind::V1Blkio) {
+                // Group-only hierarchies: the command joins the group itself.
+                if let Ok(c) = CString::new(h.group.join("cgroup.procs").as_os_str().as_bytes()) {
+                    procs.push(c);
+                }
+                continue;
+            }
             let dir = h.group.join(&name);
             if let Err(source) = std::fs::create_dir(&dir) {
                 let e = CgroupError::Create { path: dir, source };
@@ -323,7 +464,8 @@ fn apply(file: &Path, value: Option<u64>) {
 
 impl Leaf {
     /// `cgroup.procs` files the child writes `0` into before exec (joining the leaf
-    /// in every hierarchy without a window in which it could fork outside).
+    /// in every hierarchy, and the group in the weight-only v1 hierarchies, without a
+    /// window in which it could fork outside).
     pub fn procs_files(&self) -> &[CString] {
         &self.procs
     }
@@ -418,5 +560,86 @@ impl Leaf {
             }
         }
         all
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn meminfo_is_parsed() {
+        let m = MemInfo::parse(
+            "MemTotal:       24576000 kB\nMemFree: 1 kB\nMemAvailable:   20480000 kB\n",
+        )
+        .unwrap();
+        assert_eq!(m.total, 24_576_000 * 1024);
+        assert_eq!(m.available, 20_480_000 * 1024);
+        assert_eq!(MemInfo::parse("nothing"), None);
+    }
+
+    #[test]
+    fn memory_leaves_the_agent_headroom_below_what_is_available() {
+        // A 512 MiB sandbox VM right after boot.
+        let l = Limits::for_machine(
+            Some(MemInfo {
+                total: 512 * MIB,
+                available: 430 * MIB,
+            }),
+            2,
+        );
+        assert_eq!(l.memory_max, Some(430 * MIB - 64 * MIB));
+        // This host: 24 GiB, some already used by others.
+        let l = Limits::for_machine(
+            Some(MemInfo {
+                total: 24 * GIB,
+                available: 20 * GIB,
+            }),
+            2,
+        );
+        assert_eq!(l.memory_max, Some(20 * GIB - 512 * MIB));
+        // Nearly nothing available: still a usable floor.
+        let l = Limits::for_machine(
+            Some(MemInfo {
+                total: 512 * MIB,
+                available: 10 * MIB,
+            }),
+            1,
+        );
+        assert_eq!(l.memory_max, Some(64 * MIB));
+    }
+
+    #[test]
+    fn pids_follow_cpus_and_memory() {
+        let mem = |gib: u64| {
+            Some(MemInfo {
+                total: gib * GIB,
+                available: gib * GIB,
+            })
+        };
+        assert_eq!(Limits::for_machine(mem(24), 2).pids_max, Some(2048));
+        assert_eq!(Limits::for_machine(mem(64), 32).pids_max, Some(16_384));
+        assert_eq!(Limits::for_machine(mem(8), 16).pids_max, Some(8192));
+        // Half a GiB: one per MiB, but never under 1024.
+        assert_eq!(
+            Limits::for_machine(
+                Some(MemInfo {
+                    total: 512 * MIB,
+                    available: 512 * MIB
+                }),
+                4
+            )
+            .pids_max,
+            Some(1024)
+        );
+        assert_eq!(Limits::for_machine(None, 1).pids_max, Some(1024));
+        let l = Limits::for_machine(mem(24), 2);
+        assert_eq!(
+            (l.cpu_weight, l.io_weight),
+            (Some(USER_WEIGHT), Some(USER_WEIGHT))
+        );
     }
 }

@@ -4,5 +4,7 @@
 
 pub mod cgroup;
 pub mod launch;
+pub mod memory;
+pub mod priority;
 pub mod reaper;
 pub mod users;

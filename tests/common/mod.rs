@@ -4,6 +4,9 @@
 
 #![allow(dead_code, clippy::disallowed_methods)] // tests spawn the binary under test directly
 
+pub mod cgroup;
+pub mod storm;
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

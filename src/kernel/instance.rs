@@ -46,7 +46,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 /// Grace period after SIGTERM before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
 /// Lines of kernel stderr kept for error messages.
-const STDERR_TAIL: usize = 20;
+const STDERR_TAIL: usize = 40;
+
+/// The last lines a kernel wrote to stderr, and how many it wrote in all.
+#[derive(Default)]
+struct StderrTail {
+    lines: VecDeque<String>,
+    total: u64,
+}
 
 /// The channel a message arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +101,7 @@ pub struct Kernel {
     conn_file: PathBuf,
     tasks: Vec<JoinHandle<()>>,
     channel_tasks: Vec<JoinHandle<()>>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    stderr_tail: Arc<Mutex<StderrTail>>,
     label: String,
     /// `implementation` from `kernel_info_reply` (e.g. `ipython`, `deno`).
     implementation: String,
@@ -258,8 +265,18 @@ impl Kernel {
         for (k, v) in p.env {
             cmd.env(k, v);
         }
+        // `${NAME}` in the kernelspec's env expands from what the kernel would get
+        // otherwise (guestd's environment under the global variables), as in Jupyter.
+        let inherited = |k: &str| {
+            p.env
+                .iter()
+                .rev()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .or_else(|| std::env::var(k).ok())
+        };
         for (k, v) in &p.spec.env {
-            cmd.env(k, v);
+            cmd.env(k, super::spec::expand_env_value(v, &inherited));
         }
         // Kernels run user code: like user commands they join their own leaf of the user
         // cgroup (its pids and memory limits) and the OOM killer should prefer them to
@@ -315,7 +332,7 @@ impl Kernel {
         let (ev_tx, events) = mpsc::unbounded_channel();
         let (exit_tx, exit) = watch::channel(None);
         let mut tasks = Vec::new();
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let stderr_tail = Arc::new(Mutex::new(StderrTail::default()));
         let label = p.label.to_string();
         if let Some(out) = child.stdout.take() {
             tasks.push(spawn_log_reader(out, label.clone(), None));
@@ -550,7 +567,7 @@ impl Kernel {
     /// results from separate tasks, so they can trail `idle`/`execute_reply` by a hair
     /// (the protocol says output precedes `idle`; every other kernel keeps to that).
     pub fn output_linger(&self) -> Duration {
-        if self.implementation.to_ascii_lowercase().starts_with("deno") {
+        if self.is_deno() {
             Duration::from_millis(100)
         } else {
             Duration::ZERO
@@ -559,6 +576,27 @@ impl Kernel {
 
     pub fn stderr_tail(&self) -> String {
         tail_text(&self.stderr_tail)
+    }
+
+    /// A mark for [`Kernel::stderr_since`]: the number of stderr lines so far.
+    pub fn stderr_mark(&self) -> u64 {
+        self.stderr_tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .total
+    }
+
+    /// The stderr lines written after `mark` (at most the retained tail).
+    pub fn stderr_since(&self, mark: u64) -> Vec<String> {
+        let t = self.stderr_tail.lock().unwrap_or_else(|p| p.into_inner());
+        let n = usize::try_from(t.total.saturating_sub(mark)).unwrap_or(usize::MAX);
+        let skip = t.lines.len().saturating_sub(n);
+        t.lines.iter().skip(skip).cloned().collect()
+    }
+
+    /// Whether this is Deno's kernel (see [`Kernel::output_linger`] and `kernel::js`).
+    pub fn is_deno(&self) -> bool {
+        self.implementation.to_ascii_lowercase().starts_with("deno")
     }
 
     async fn send(
@@ -710,12 +748,12 @@ fn signal_group(pgid: i32, sig: Signal) {
     }
 }
 
-fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
+fn tail_text(tail: &Mutex<StderrTail>) -> String {
     let t = tail.lock().unwrap_or_else(|p| p.into_inner());
-    t.iter().cloned().collect::<Vec<_>>().join("\n")
+    t.lines.iter().cloned().collect::<Vec<_>>().join("\n")
 }
 
-fn exit_detail(status: Option<&ExitStatus>, tail: &Mutex<VecDeque<String>>) -> String {
+fn exit_detail(status: Option<&ExitStatus>, tail: &Mutex<StderrTail>) -> String {
     let how = status
         .map(describe_exit)
         .unwrap_or_else(|| "unknown status".into());
@@ -730,7 +768,7 @@ fn exit_detail(status: Option<&ExitStatus>, tail: &Mutex<VecDeque<String>>) -> S
 fn spawn_log_reader<R>(
     pipe: R,
     label: String,
-    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+    tail: Option<Arc<Mutex<StderrTail>>>,
 ) -> JoinHandle<()>
 where
     R: IntoTokioPipe,
@@ -744,10 +782,11 @@ where
             tracing::debug!(context = %label, "kernel: {line}");
             if let Some(t) = &tail {
                 let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
-                if t.len() == STDERR_TAIL {
-                    t.pop_front();
+                if t.lines.len() == STDERR_TAIL {
+                    t.lines.pop_front();
                 }
-                t.push_back(line);
+                t.lines.push_back(line);
+                t.total += 1;
             }
         }
     })

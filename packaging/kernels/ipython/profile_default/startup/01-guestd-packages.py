@@ -7,6 +7,10 @@ site-packages directory changed (one stat per directory) and, if it did, drops t
 import caches and processes `.pth` files that appeared (editable installs, namespace
 packages), so the new package imports without a kernel restart. A package that was
 already imported keeps its old version until the kernel restarts, as in any Python.
+
+Kernels run as root, while the venv belongs to the sandbox's default user (so that the
+user's own `pip install` works): what a kernel's pip just installed is handed to the
+venv's owner at the same moment, so the user can upgrade or uninstall it later.
 """
 
 
@@ -34,6 +38,35 @@ def _guestd_install_package_refresh():
             return None
 
     seen = {d: stamp(d) for d in dirs}
+    bindir = os.path.dirname(sys.executable)
+
+    def hand_over(d):
+        """Gives root-owned entries of a user-owned directory to that user."""
+        try:
+            owner = os.stat(d)
+        except OSError:
+            return
+        if os.geteuid() != 0 or owner.st_uid == 0:
+            return
+        uid, gid = owner.st_uid, owner.st_gid
+        for name in os.listdir(d):
+            top = os.path.join(d, name)
+            try:
+                if os.lstat(top).st_uid != 0:
+                    continue
+            except OSError:
+                continue
+            for root, subdirs, files in os.walk(top):
+                for n in [root] + [os.path.join(root, x) for x in subdirs + files]:
+                    try:
+                        os.lchown(n, uid, gid)
+                    except OSError:
+                        pass
+            if not os.path.isdir(top):
+                try:
+                    os.lchown(top, uid, gid)
+                except OSError:
+                    pass
     pth_seen = {
         d: set(n for n in os.listdir(d) if n.endswith(".pth")) if seen[d] else set()
         for d in dirs
@@ -47,6 +80,8 @@ def _guestd_install_package_refresh():
                 continue
             seen[d] = now
             changed = True
+            hand_over(d)
+            hand_over(bindir)
             try:
                 pths = set(n for n in os.listdir(d) if n.endswith(".pth"))
             except OSError:

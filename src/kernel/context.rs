@@ -228,6 +228,12 @@ async fn run_silent(kernel: &mut Kernel, code: &str, label: &str) -> Silent {
     }
 }
 
+/// Whether the diagnostic's error says more than the blank one did.
+fn says_why(found: &ExecError, blank: &ExecError) -> bool {
+    let same_blank = found.is_blank() && found.value == blank.value;
+    !(js::Diagnostic::found_nothing(&found.value) || same_blank)
+}
+
 /// An error the kernel reported with no traceback gets the reason the kernel did not
 /// give: for Deno's `Error: Execution failed` (a cell that failed before it ran), the
 /// exception of loading the same cell as a module (`js::diagnostic_code`); otherwise,
@@ -246,10 +252,7 @@ async fn explain_blank_error(
     {
         let d = js::diagnostic_code(&p.code, p.prefix_len, cwd);
         match run_silent(kernel, &d.code, label).await {
-            Silent::Failed(_, Some(found))
-                if !js::Diagnostic::found_nothing(&found.value)
-                    && !(found.is_blank() && found.value == error.value) =>
-            {
+            Silent::Failed(_, Some(found)) if says_why(&found, &error) => {
                 // Deno's traceback chunks carry no newlines; the message has them.
                 let value = d.clean(&found.value);
                 let traceback = format!("{}: {value}", found.name);

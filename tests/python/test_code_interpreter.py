@@ -232,6 +232,14 @@ def test_chart_box_and_whiskers_with_labels(sandbox):
     assert (b.label, b.first_quartile, b.median, b.third_quartile, b.max, b.outliers) == ("B", 4, 6, 8, 9, [30])
 
 
+def test_chart_with_numpy_integer_ticks(sandbox):
+    # boxplot() without patches is recognised as lines; its ticks are numpy integers,
+    # which the chart must survive (they once made the whole chart disappear).
+    chart = chart_of(sandbox, "plt.boxplot([[1, 2, 3], [4, 5, 9]], labels=['a', 'b'])\nplt.title('t')\nplt.show()")
+    assert chart.type == ChartType.LINE
+    assert chart.x_ticks == [1, 2] and chart.x_tick_labels == ["a", "b"]
+
+
 def test_chart_superchart_elements(sandbox):
     chart = chart_of(sandbox, (
         "fig, (a, b) = plt.subplots(1, 2)\nfig.suptitle('Both')\n"

@@ -146,12 +146,18 @@ async fn start_server(global_env: Vec<(String, String)>) -> Server {
 }
 
 async fn start_server_process() -> Server {
+    start_server_process_with(Vec::new()).await
+}
+
+/// Starts guestd with extra environment variables (e.g. `JUPYTER_PATH` to put a test
+/// kernelspec in front of the installed ones).
+async fn start_server_process_with(env: Vec<(String, String)>) -> Server {
     {
         let bin = env!("CARGO_BIN_EXE_guestd");
         let port = free_port();
         let code_port = free_port();
         let log = std::env::temp_dir().join(format!("guestd-ci-test-{code_port}.log"));
-        let (pid, mut waiter) = spawn_server_process(bin, port, code_port, &log, Vec::new());
+        let (pid, mut waiter) = spawn_server_process(bin, port, code_port, &log, env);
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Ok(r) = tokio::time::timeout(
@@ -1260,4 +1266,169 @@ async fn global_env_changes_are_reapplied_in_process() {
     assert_eq!(read().await.as_deref(), Some("('uno', None, 'true')"));
     mgr.shutdown().await;
     assert!(mgr.list_contexts().is_empty());
+}
+
+/// Every error carries what the kernel knows, and for JavaScript/TypeScript bare npm
+/// imports and require() go through `npm:` (kernel::js). Deno's kernel here gets a
+/// registry that refuses connections (NPM_CONFIG_REGISTRY in a copy of the installed
+/// kernelspec), so loading a package fails: without guestd's diagnosis Deno answers
+/// only `Error: Execution failed` with an empty traceback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_errors_are_never_blank() {
+    let installed =
+        std::path::Path::new("/opt/guestd/python/share/jupyter/kernels/deno/kernel.json");
+    if !installed.exists() {
+        assert!(
+            std::env::var_os("GUESTD_REQUIRE_ALL_KERNELS").is_none(),
+            "no Deno kernelspec at {}",
+            installed.display()
+        );
+        eprintln!("SKIP: no Deno kernel installed");
+        return;
+    }
+    let mut spec: Value =
+        serde_json::from_slice(&std::fs::read(installed).expect("read kernelspec")).expect("json");
+    let closed = free_port(); // bound and released: nothing listens there
+    spec["env"]["NPM_CONFIG_REGISTRY"] = json!(format!("http://127.0.0.1:{closed}/"));
+    // Deno keeps npm packages it fetched in its cache; a fresh one must fetch.
+    let dir = tempfile::tempdir().expect("tmp");
+    spec["env"]["DENO_DIR"] = json!(dir.path().join("deno-cache").display().to_string());
+    std::fs::create_dir_all(dir.path().join("kernels/deno")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("kernels/deno/kernel.json"),
+        serde_json::to_vec(&spec).expect("json"),
+    )
+    .expect("write kernelspec");
+    std::fs::create_dir_all("/home/user").expect("create /home/user");
+    let server = start_server_process_with(vec![(
+        "JUPYTER_PATH".into(),
+        dir.path().display().to_string(),
+    )])
+    .await;
+    let port = server.code_port;
+    let ts = context_for(port, "typescript", None)
+        .await
+        .expect("typescript context");
+    let error_line = |out: &[Value]| -> Value {
+        (*of_type(out, "error")
+            .last()
+            .unwrap_or_else(|| panic!("no error: {out:?}")))
+        .clone()
+    };
+
+    // A bare import becomes npm:ms; the error names the package and the reason.
+    let out = run(
+        port,
+        json!({"context_id": ts, "code": "import ms from \"ms\"\nms(1000)"}),
+    )
+    .await;
+    let e = error_line(&out);
+    let value = e["value"].as_str().unwrap_or("");
+    assert_ne!(value, "Execution failed", "{out:?}");
+    assert!(
+        value.contains("\"ms\"") || value.contains("'ms'"),
+        "names the package: {out:?}"
+    );
+    assert!(
+        value.contains(&format!("127.0.0.1:{closed}")) && value.to_lowercase().contains("connect"),
+        "says why: {out:?}"
+    );
+    assert!(!e["traceback"].as_str().unwrap_or("").is_empty(), "{out:?}");
+
+    // The same for an explicit npm: specifier (the case Deno leaves blank) and require().
+    let out = run(
+        port,
+        json!({"context_id": ts, "code": "import pad from \"npm:left-pad@1.3.0\""}),
+    )
+    .await;
+    let v = error_line(&out)["value"].as_str().unwrap_or("").to_string();
+    assert!(
+        v.contains("left-pad") && v.contains(&format!("127.0.0.1:{closed}")),
+        "{out:?}"
+    );
+    let out = run(
+        port,
+        json!({"context_id": ts, "code": "const _ = require('lodash')\n_.chunk([1, 2, 3], 2)"}),
+    )
+    .await;
+    let v = error_line(&out)["value"].as_str().unwrap_or("").to_string();
+    assert!(
+        v.contains("lodash") && v.contains(&format!("127.0.0.1:{closed}")),
+        "{out:?}"
+    );
+
+    // A TypeScript syntax error: Deno's own parser message, located in the cell.
+    let out = run(
+        port,
+        json!({"context_id": ts, "code": "const x: number = ;"}),
+    )
+    .await;
+    let e = error_line(&out);
+    let value = e["value"].as_str().unwrap_or("");
+    assert!(value.contains("Expression expected"), "{out:?}");
+    assert!(
+        value.contains("<cell>:1:19"),
+        "position in the cell: {out:?}"
+    );
+    assert!(
+        value.contains("1 | const x: number = ;"),
+        "source excerpt without guestd's prefix: {out:?}"
+    );
+    assert!(!value.contains("data:"), "{out:?}");
+
+    // Nothing of a cell that fails to load has run, and the context still works.
+    let out = run(
+        port,
+        json!({"context_id": ts, "code": "globalThis.ran = 1;\nconst y: = 2"}),
+    )
+    .await;
+    assert!(
+        error_line(&out)["value"]
+            .as_str()
+            .unwrap_or("")
+            .contains("SyntaxError"),
+        "{out:?}"
+    );
+    let out = run(
+        port,
+        json!({"context_id": ts, "code": "typeof globalThis.ran"}),
+    )
+    .await;
+    assert_eq!(main_text(&out).as_deref(), Some("undefined"), "{out:?}");
+
+    // Built-ins need no registry: require('fs') and import from 'node:path'.
+    let out = run(port, json!({"context_id": ts, "code": "import { basename } from 'node:path'\nrequire('fs').existsSync('/') + ':' + basename('/a/b.txt')"})).await;
+    assert_eq!(main_text(&out).as_deref(), Some("true:b.txt"), "{out:?}");
+
+    // A kernel that dies says how, in the traceback of the ContextRestarting line.
+    let out = run(port, json!({"context_id": ts, "code": "Deno.exit(7)"})).await;
+    let e = error_line(&out);
+    assert_eq!(e["name"], "ContextRestarting", "{out:?}");
+    assert_eq!(e["value"], "Context was restarted", "{out:?}");
+    let tb = e["traceback"].as_str().unwrap_or("");
+    assert!(tb.contains("exit code 7"), "{out:?}");
+    // Deno's start-up warning is the last thing it wrote to stderr.
+    assert!(
+        tb.contains("Last lines of the kernel's stderr:") && tb.contains("deno jupyter"),
+        "{out:?}"
+    );
+    server.terminate();
+}
+
+/// A Python kernel that exits under an execution: the client learns the exit status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_death_reports_exit_status() {
+    let port = shared().await;
+    let ctx = python_context(port).await;
+    let out = run(
+        port,
+        json!({"context_id": ctx, "code": "import os\nos._exit(3)"}),
+    )
+    .await;
+    let e = of_type(&out, "error");
+    let e = e.last().expect("error line");
+    assert_eq!(e["name"], "ContextRestarting", "{out:?}");
+    let tb = e["traceback"].as_str().unwrap_or("");
+    assert!(tb.contains("exited (exit code 3)"), "{out:?}");
+    assert!(tb.contains("state is lost"), "{out:?}");
 }

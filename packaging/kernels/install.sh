@@ -9,6 +9,19 @@
 #   GUESTD_PYTHON          interpreter for the venv (default /usr/bin/python3, else python3)
 #   GUESTD_SKIP_APT=1      do not call apt-get (the system packages must already be there)
 #   GUESTD_SKIP_FONTS=1    do not install the Noto CJK fonts
+#   GUESTD_KERNEL_PROFILE  lean (default) or template:
+#                          lean      requirements.txt: the kernel machinery and the core data
+#                                    stack (numpy, pandas, matplotlib, pillow); what the host
+#                                    CI installs
+#                          template  requirements-template.txt: lean plus the reference
+#                                    code-interpreter template's package set, and the system
+#                                    libraries those packages load (libGL for OpenCV,
+#                                    Chromium for plotly's static export through kaleido)
+#   GUESTD_KERNEL_OWNER    account that owns the Python venv (default: `user` when that
+#                          account exists, else root), so that `pip install` run by the
+#                          sandbox's default user installs into the kernels' environment
+#   GUESTD_PROFILE_D       where to put the login-shell PATH snippet that puts the venv's
+#                          python3/pip first (default /etc/profile.d; empty: do not write it)
 #
 # Layout (everything guestd-specific lives under the prefix):
 #   $PREFIX/python                          venv: ipykernel + data libraries + bash_kernel + jjava
@@ -19,6 +32,8 @@
 #                                           through IPYTHONDIR in the kernelspec env)
 #   $PREFIX/matplotlib/matplotlibrc         pointed to by MATPLOTLIBRC in the same env
 #   $PREFIX/node                            npm prefix holding deno (JavaScript/TypeScript)
+#   $GUESTD_PROFILE_D/guestd-kernels.sh     login shells (the SDKs' commands run `bash -l`):
+#                                           $PREFIX/python/bin first on PATH
 set -euo pipefail
 
 PREFIX=${GUESTD_PREFIX:-/opt/guestd}
@@ -27,6 +42,23 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV=$PREFIX/python
 SPECS=$VENV/share/jupyter/kernels
 DENO_VERSION=2.9.6
+PROFILE=${GUESTD_KERNEL_PROFILE:-lean}
+case "$PROFILE" in
+    lean) REQUIREMENTS=$HERE/requirements.txt ;;
+    template) REQUIREMENTS=$HERE/requirements-template.txt ;;
+    *)
+        echo "GUESTD_KERNEL_PROFILE must be lean or template, not '$PROFILE'" >&2
+        exit 2
+        ;;
+esac
+if [ -n "${GUESTD_KERNEL_OWNER:-}" ]; then
+    OWNER=$GUESTD_KERNEL_OWNER
+elif id user >/dev/null 2>&1; then
+    OWNER=user
+else
+    OWNER=root
+fi
+PROFILE_D=${GUESTD_PROFILE_D-/etc/profile.d}
 
 log() { printf '[guestd-kernels] %s\n' "$*" >&2; }
 want() { case " $LANGS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -55,6 +87,9 @@ want javascript && ! command -v npm >/dev/null && pkgs+=(npm)
 want r && pkgs+=(r-base-core r-cran-irkernel)
 want java && ! command -v javac >/dev/null && pkgs+=(openjdk-17-jdk-headless)
 [ "${GUESTD_SKIP_FONTS:-0}" = 1 ] || pkgs+=(fonts-noto-cjk)
+# Shared libraries that template packages load at import or use: opencv-python needs
+# libGL and GLib; kaleido (plotly's static image export) drives a Chromium.
+[ "$PROFILE" = template ] && pkgs+=(libgl1 libglib2.0-0 chromium)
 apt_install "${pkgs[@]}"
 
 PYTHON=${GUESTD_PYTHON:-}
@@ -68,9 +103,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     log "creating venv $VENV from $PYTHON"
     "$PYTHON" -m venv "$VENV"
 fi
-reqs=("-r" "$HERE/requirements.txt")
+reqs=("-r" "$REQUIREMENTS")
 want java && reqs+=("jjava==1.0a8")
-log "pip install (venv $VENV)"
+log "pip install, profile $PROFILE (venv $VENV)"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${reqs[@]}"
 
@@ -104,6 +139,7 @@ if want python; then
   \"language\": \"python\",
   \"interrupt_mode\": \"signal\",
   \"env\": {
+    \"PATH\": \"$VENV/bin:\${PATH}\",
     \"IPYTHONDIR\": \"$PREFIX/ipython\",
     \"MATPLOTLIBRC\": \"$PREFIX/matplotlib/matplotlibrc\",
     \"PYDEVD_DISABLE_FILE_VALIDATION\": \"1\"
@@ -117,6 +153,19 @@ fi
 if want bash; then
     log "kernelspec bash"
     "$VENV/bin/python" -m bash_kernel.install --prefix "$VENV" >/dev/null
+    # Its commands (`pip install x`, `python3 script.py`) use the kernel venv, as in
+    # the Python kernel (guestd expands ${PATH} from the environment the kernel gets).
+    "$VENV/bin/python" - "$SPECS/bash/kernel.json" "$VENV/bin" <<'PY'
+import json, sys
+path, bindir = sys.argv[1], sys.argv[2]
+with open(path) as f:
+    spec = json.load(f)
+spec.setdefault("env", {})["PATH"] = bindir + ":${PATH}"
+with open(path + ".tmp", "w") as f:
+    json.dump(spec, f, indent=1)
+    f.write("\n")
+PY
+    mv "$SPECS/bash/kernel.json.tmp" "$SPECS/bash/kernel.json"
 fi
 
 if want javascript; then
@@ -135,6 +184,8 @@ if want javascript; then
   \"language\": \"typescript\",
   \"interrupt_mode\": \"signal\",
   \"env\": {
+    \"PATH\": \"$VENV/bin:\${PATH}\",
+    \"DENO_TLS_CA_STORE\": \"mozilla,system\",
     \"DENO_NO_UPDATE_CHECK\": \"1\",
     \"DENO_NO_PROMPT\": \"1\",
     \"NO_COLOR\": \"1\"
@@ -154,4 +205,26 @@ if want java; then
     log "kernelspec java (jjava) -> $(command -v java || echo 'java missing')"
 fi
 
-log "kernelspecs in $SPECS: $(ls "$SPECS" | tr '\n' ' ')"
+# --- who may install packages, and which python3/pip a login shell finds -------------------
+# The sandbox's default user installs packages with plain `pip install x` (a command, or
+# `!pip` in a kernel): the venv belongs to that account, and login shells (the SDKs run
+# commands with `bash -l`) find the venv's python3 and pip first. Kernels run as root and
+# can write there too.
+if [ "$OWNER" != root ]; then
+    log "venv owner: $OWNER"
+    chown -R "$OWNER:" "$VENV"
+fi
+if [ -n "$PROFILE_D" ]; then
+    mkdir -p "$PROFILE_D"
+    cat >"$PROFILE_D/guestd-kernels.sh.tmp" <<EOF
+# Written by guestd's packaging/kernels/install.sh: the kernels' Python environment
+# (python3, pip and the data stack) first on PATH for login shells.
+case ":\$PATH:" in
+    *":$VENV/bin:"*) ;;
+    *) PATH="$VENV/bin:\$PATH"; export PATH ;;
+esac
+EOF
+    mv "$PROFILE_D/guestd-kernels.sh.tmp" "$PROFILE_D/guestd-kernels.sh"
+fi
+
+log "profile $PROFILE; kernelspecs in $SPECS: $(ls "$SPECS" | tr '\n' ' ')"

@@ -10,6 +10,7 @@
 //! and triggers an automatic restart, a client that goes away interrupts the kernel.
 
 use std::collections::VecDeque;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,7 @@ use tokio::time::{Instant, sleep_until};
 use super::KernelError;
 use super::exec::{ExecError, ExecSender, Output};
 use super::instance::{Channel, Event, Kernel, StartParams, describe_exit};
+use super::js;
 use super::lang::{EnvOp, chdir_code, env_code};
 use super::spec::{KernelSpec, SpecResolver};
 use crate::env::{EnvMap, GlobalEnv};
@@ -151,7 +153,8 @@ enum Drive {
 /// How a silent setup request ended.
 enum Silent {
     Ok,
-    Failed(String),
+    /// A summary for logs, and the kernel's error when it reported one.
+    Failed(String, Option<ExecError>),
     Died(ExitStatus),
     TimedOut,
 }
@@ -184,7 +187,7 @@ struct Worker {
 async fn run_silent(kernel: &mut Kernel, code: &str, label: &str) -> Silent {
     let mut tracker = match kernel.execute(code, true).await {
         Ok(t) => t,
-        Err(e) => return Silent::Failed(e.to_string()),
+        Err(e) => return Silent::Failed(e.to_string(), None),
     };
     let deadline = Instant::now() + SETUP_TIMEOUT;
     let mut idle_at: Option<Instant> = None;
@@ -218,10 +221,71 @@ async fn run_silent(kernel: &mut Kernel, code: &str, label: &str) -> Silent {
             tracker
                 .error_summary()
                 .unwrap_or_else(|| "setup code failed".into()),
+            tracker.first_error().cloned(),
         )
     } else {
         Silent::Ok
     }
+}
+
+/// Whether the diagnostic's error says more than the blank one did.
+fn says_why(found: &ExecError, blank: &ExecError) -> bool {
+    let same_blank = found.is_blank() && found.value == blank.value;
+    !(js::Diagnostic::found_nothing(&found.value) || same_blank)
+}
+
+/// An error the kernel reported with no traceback gets the reason the kernel did not
+/// give: for Deno's `Error: Execution failed` (a cell that failed before it ran), the
+/// exception of loading the same cell as a module (`js::diagnostic_code`); otherwise,
+/// or when that finds nothing, what the kernel wrote to stderr during the execution.
+async fn explain_blank_error(
+    kernel: &mut Kernel,
+    error: ExecError,
+    prepared: Option<&js::Prepared>,
+    cwd: &str,
+    stderr_mark: u64,
+    label: &str,
+) -> ExecError {
+    let stderr = kernel.stderr_since(stderr_mark);
+    if let Some(p) = prepared
+        && error.value == "Execution failed"
+    {
+        let d = js::diagnostic_code(&p.code, p.prefix_len, cwd);
+        match run_silent(kernel, &d.code, label).await {
+            Silent::Failed(_, Some(found)) if says_why(&found, &error) => {
+                // Deno's traceback chunks carry no newlines; the message has them.
+                let value = d.clean(&found.value);
+                let traceback = format!("{}: {value}", found.name);
+                return ExecError {
+                    name: found.name,
+                    value,
+                    traceback,
+                };
+            }
+            other => {
+                let why = match other {
+                    Silent::Ok | Silent::Failed(..) => "it parses and its imports load",
+                    Silent::Died(_) => "the kernel exited",
+                    Silent::TimedOut => "that timed out",
+                };
+                tracing::debug!(
+                    context = label,
+                    why,
+                    "no reason found for a blank Deno error"
+                );
+            }
+        }
+    }
+    if stderr.is_empty() {
+        return error;
+    }
+    let detail = format!(
+        "{}: {}\n(the kernel gave no traceback; its stderr during this execution:)\n{}",
+        error.name,
+        error.value,
+        stderr.join("\n")
+    );
+    error.with_detail(detail)
 }
 
 /// The ops that turn `from` into `to`.
@@ -275,7 +339,7 @@ impl Worker {
                 Silent::Ok => {}
                 other => {
                     let why = match other {
-                        Silent::Failed(e) => e,
+                        Silent::Failed(e, _) => e,
                         Silent::Died(s) => format!("kernel exited ({})", describe_exit(&s)),
                         _ => "timed out".into(),
                     };
@@ -284,11 +348,17 @@ impl Worker {
                 }
             }
         }
+        if kernel.is_deno()
+            && matches!(lang.as_str(), "javascript" | "typescript")
+            && let Silent::Failed(e, _) = run_silent(&mut kernel, js::PRELUDE, &self.info.id).await
+        {
+            tracing::warn!(context = %self.info.id, error = %e, "defining require() failed");
+        }
         let ops = env_diff(&Arc::default(), &snapshot);
         if let Some(code) = env_code(&lang, &ops) {
             match run_silent(&mut kernel, &code, &self.info.id).await {
                 Silent::Ok => {}
-                Silent::Failed(e) => {
+                Silent::Failed(e, _) => {
                     tracing::warn!(context = %self.info.id, error = %e, "applying global env failed")
                 }
                 Silent::Died(s) => {
@@ -422,6 +492,27 @@ impl Worker {
         }
     }
 
+    /// What a client learns when the kernel died under its execution: the exit status
+    /// and the last lines the kernel wrote to stderr (a fatal error, a crash report).
+    fn death_detail(&self, status: &ExitStatus) -> String {
+        let how = describe_exit(status);
+        let tail = self
+            .kernel
+            .as_ref()
+            .map(Kernel::stderr_tail)
+            .unwrap_or_default();
+        let mut detail = format!("The kernel process exited ({how}) while running this code");
+        if status.signal() == Some(libc::SIGKILL) {
+            detail.push_str(" (killed: out of memory, or by a signal from outside)");
+        }
+        detail.push_str("; the context restarts with a new kernel (its state is lost).");
+        if !tail.trim().is_empty() {
+            detail.push_str("\nLast lines of the kernel's stderr:\n");
+            detail.push_str(&tail);
+        }
+        detail
+    }
+
     /// The kernel process exited on its own: restart it, unless it keeps dying.
     async fn on_death(&mut self, status: ExitStatus) {
         if !self.record_death(status).await {
@@ -520,7 +611,7 @@ impl Worker {
         };
         match run_silent(kernel, &code, &self.info.id).await {
             Silent::Died(s) => self.on_death(s).await,
-            Silent::Failed(e) => {
+            Silent::Failed(e, _) => {
                 tracing::warn!(context = %self.info.id, error = %e, "applying global env failed");
                 self.applied = target;
             }
@@ -548,7 +639,7 @@ impl Worker {
             let kernel = self.kernel.as_mut()?;
             match run_silent(kernel, code, &self.info.id).await {
                 Silent::Ok => {}
-                Silent::Failed(e) => {
+                Silent::Failed(e, _) => {
                     tracing::warn!(context = %self.info.id, error = %e, "setting execution env failed")
                 }
                 Silent::TimedOut => {
@@ -582,10 +673,12 @@ impl Worker {
                 return None;
             }
             Drive::Died(status) => {
+                let detail = self.death_detail(&status);
                 // Count the death first: if the context gives up, the next request
                 // already sees it (500) instead of queueing.
                 let gave_up = self.record_death(status).await;
-                job.out.end(Some(ExecError::context_restarting()));
+                job.out
+                    .end(Some(ExecError::context_restarting().with_detail(detail)));
                 if !gave_up {
                     self.restart_after_death().await;
                 }
@@ -619,7 +712,7 @@ impl Worker {
                 match run_silent(kernel, &code, &self.info.id).await {
                     Silent::Ok => {}
                     Silent::Died(s) => self.on_death(s).await,
-                    Silent::Failed(e) => {
+                    Silent::Failed(e, _) => {
                         tracing::warn!(context = %self.info.id, error = %e, "resetting execution env failed")
                     }
                     Silent::TimedOut => {
@@ -651,7 +744,15 @@ impl Worker {
             ));
             return Drive::Complete;
         };
-        let mut tracker = match kernel.execute(&job.code, false).await {
+        // JavaScript/TypeScript on Deno: npm imports and require() (kernel::js).
+        let prepared = (kernel.is_deno()
+            && matches!(info.language.as_str(), "javascript" | "typescript"))
+        .then(|| js::prepare(&job.code));
+        let code = prepared
+            .as_ref()
+            .map_or(job.code.as_str(), |p| p.code.as_str());
+        let stderr_mark = kernel.stderr_mark();
+        let mut tracker = match kernel.execute(code, false).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(context = %info.id, error = %e, "cannot send execute_request");
@@ -744,7 +845,24 @@ impl Worker {
                 }
             }
         }
-        job.out.push_all(tracker.finish());
+        let mut outs = tracker.finish();
+        for out in &mut outs {
+            if let Output::Error(e) = out
+                && e.is_blank()
+            {
+                let blank = std::mem::replace(e, ExecError::aborted());
+                *e = explain_blank_error(
+                    kernel,
+                    blank,
+                    prepared.as_ref(),
+                    &info.cwd,
+                    stderr_mark,
+                    &info.id,
+                )
+                .await;
+            }
+        }
+        job.out.push_all(outs);
         Drive::Complete
     }
 }

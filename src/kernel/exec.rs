@@ -123,6 +123,12 @@ impl ExecError {
             traceback: String::new(),
         }
     }
+    /// Whether the kernel gave nothing beyond a name and a message (Deno's kernel says
+    /// only `Error: Execution failed` when a cell fails before it runs).
+    pub fn is_blank(&self) -> bool {
+        self.traceback.trim().is_empty()
+    }
+
     /// With a detail in the traceback (the only free-form field).
     pub fn with_detail(mut self, detail: impl Into<String>) -> ExecError {
         self.traceback = detail.into();
@@ -211,6 +217,8 @@ pub struct Tracker {
     reply: Option<Reply>,
     reply_count: Option<i64>,
     reply_error: Option<ExecError>,
+    /// The first error the kernel reported (iopub `error` or error reply).
+    first_error: Option<ExecError>,
 }
 
 impl Tracker {
@@ -223,6 +231,7 @@ impl Tracker {
             reply: None,
             reply_count: None,
             reply_error: None,
+            first_error: None,
         }
     }
 
@@ -271,7 +280,9 @@ impl Tracker {
                     return Vec::new();
                 }
                 self.error_written = true;
-                vec![Output::Error(ExecError::from_content(c))]
+                let e = ExecError::from_content(c);
+                self.first_error.get_or_insert_with(|| e.clone());
+                vec![Output::Error(e)]
             }
             "status" => {
                 if msg.content_str("execution_state") == Some("idle") {
@@ -292,7 +303,9 @@ impl Tracker {
         self.reply_count = c.get("execution_count").and_then(Value::as_i64);
         self.reply = Some(match msg.content_str("status") {
             Some("error") => {
-                self.reply_error = Some(ExecError::from_content(c));
+                let e = ExecError::from_content(c);
+                self.first_error.get_or_insert_with(|| e.clone());
+                self.reply_error = Some(e);
                 Reply::Error
             }
             Some("aborted") | Some("abort") => Reply::Aborted,
@@ -348,9 +361,14 @@ impl Tracker {
 
     /// The first error seen, for logging setup failures.
     pub fn error_summary(&self) -> Option<String> {
-        self.reply_error
+        self.first_error
             .as_ref()
             .map(|e| format!("{}: {}", e.name, e.value))
+    }
+
+    /// The first error the kernel reported, as it reported it.
+    pub fn first_error(&self) -> Option<&ExecError> {
+        self.first_error.as_ref()
     }
 }
 

@@ -50,7 +50,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 /// Grace period after SIGTERM before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
 /// Lines of kernel stderr kept for error messages.
-const STDERR_TAIL: usize = 20;
+const STDERR_TAIL: usize = 40;
+
+/// The last lines a kernel wrote to stderr, and how many it wrote in all.
+#[derive(Default)]
+struct StderrTail {
+    lines: VecDeque<String>,
+    total: u64,
+}
 
 /// The channel a message arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +105,7 @@ pub struct Kernel {
     conn_file: PathBuf,
     tasks: Vec<JoinHandle<()>>,
     channel_tasks: Vec<JoinHandle<()>>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    stderr_tail: Arc<Mutex<StderrTail>>,
     label: String,
     /// `implementation` from `kernel_info_reply` (e.g. `ipython`, `deno`).
     implementation: String,
@@ -283,7 +290,7 @@ impl Kernel {
         let (ev_tx, events) = mpsc::unbounded_channel();
         let (exit_tx, exit) = watch::channel(None);
         let mut tasks = Vec::new();
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let stderr_tail = Arc::new(Mutex::new(StderrTail::default()));
         let label = p.label.to_string();
         tasks.push(spawn_log_reader(out_r, label.clone(), None));
         tasks.push(spawn_log_reader(
@@ -514,7 +521,7 @@ impl Kernel {
     /// results from separate tasks, so they can trail `idle`/`execute_reply` by a hair
     /// (the protocol says output precedes `idle`; every other kernel keeps to that).
     pub fn output_linger(&self) -> Duration {
-        if self.implementation.to_ascii_lowercase().starts_with("deno") {
+        if self.is_deno() {
             Duration::from_millis(100)
         } else {
             Duration::ZERO
@@ -523,6 +530,27 @@ impl Kernel {
 
     pub fn stderr_tail(&self) -> String {
         tail_text(&self.stderr_tail)
+    }
+
+    /// A mark for [`Kernel::stderr_since`]: the number of stderr lines so far.
+    pub fn stderr_mark(&self) -> u64 {
+        self.stderr_tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .total
+    }
+
+    /// The stderr lines written after `mark` (at most the retained tail).
+    pub fn stderr_since(&self, mark: u64) -> Vec<String> {
+        let t = self.stderr_tail.lock().unwrap_or_else(|p| p.into_inner());
+        let n = usize::try_from(t.total.saturating_sub(mark)).unwrap_or(usize::MAX);
+        let skip = t.lines.len().saturating_sub(n);
+        t.lines.iter().skip(skip).cloned().collect()
+    }
+
+    /// Whether this is Deno's kernel (see [`Kernel::output_linger`] and `kernel::js`).
+    pub fn is_deno(&self) -> bool {
+        self.implementation.to_ascii_lowercase().starts_with("deno")
     }
 
     async fn send(
@@ -674,12 +702,12 @@ fn signal_group(pgid: i32, sig: Signal) {
     }
 }
 
-fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
+fn tail_text(tail: &Mutex<StderrTail>) -> String {
     let t = tail.lock().unwrap_or_else(|p| p.into_inner());
-    t.iter().cloned().collect::<Vec<_>>().join("\n")
+    t.lines.iter().cloned().collect::<Vec<_>>().join("\n")
 }
 
-fn exit_detail(status: Option<&ExitStatus>, tail: &Mutex<VecDeque<String>>) -> String {
+fn exit_detail(status: Option<&ExitStatus>, tail: &Mutex<StderrTail>) -> String {
     let how = status
         .map(describe_exit)
         .unwrap_or_else(|| "unknown status".into());
@@ -694,7 +722,7 @@ fn exit_detail(status: Option<&ExitStatus>, tail: &Mutex<VecDeque<String>>) -> S
 fn spawn_log_reader(
     pipe: OwnedFd,
     label: String,
-    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+    tail: Option<Arc<Mutex<StderrTail>>>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let reader = match tokio::net::unix::pipe::Receiver::from_owned_fd(pipe) {
@@ -709,10 +737,11 @@ fn spawn_log_reader(
             tracing::debug!(context = %label, "kernel: {line}");
             if let Some(t) = &tail {
                 let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
-                if t.len() == STDERR_TAIL {
-                    t.pop_front();
+                if t.lines.len() == STDERR_TAIL {
+                    t.lines.pop_front();
                 }
-                t.push_back(line);
+                t.lines.push_back(line);
+                t.total += 1;
             }
         }
     })
@@ -733,7 +762,23 @@ fn kernel_command(
     {
         env.insert("LANG".into(), "C.UTF-8".into());
     }
-    for (k, v) in p.env.iter().map(|(k, v)| (k, v)).chain(&p.spec.env) {
+    for (k, v) in p.env {
+        env.insert(k.into(), v.into());
+    }
+    // `${NAME}` in the kernelspec's env expands from what the kernel would get
+    // otherwise (guestd's environment under the global variables), as in Jupyter.
+    let expanded: Vec<(String, String)> = {
+        let inherited = |k: &str| {
+            env.get(std::ffi::OsStr::new(k))
+                .map(|v| v.to_string_lossy().into_owned())
+        };
+        p.spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), super::spec::expand_env_value(v, &inherited)))
+            .collect()
+    };
+    for (k, v) in expanded {
         env.insert(k.into(), v.into());
     }
     let cstr = |b: Vec<u8>| {

@@ -9,9 +9,11 @@
 //! * `context`: a context's worker (FIFO executions, env and cwd, restarts)
 //! * [`exec`]: execution outputs, completion tracking, the output queue
 //! * [`lang`]: language normalization and per-language setup snippets
+//! * [`js`]: JavaScript/TypeScript cells on Deno (npm imports, `require`, blank errors)
 //! * `manager`: the registry ([`KernelManager`])
 
 pub mod exec;
+pub mod js;
 pub mod lang;
 pub mod spec;
 pub mod time;

@@ -94,6 +94,49 @@ impl KernelSpec {
     }
 }
 
+/// Expands `$NAME` and `${NAME}` in a kernelspec `env` value from `lookup`, as Jupyter's
+/// kernel manager does (`string.Template.safe_substitute`): `$$` is a literal `$`, and a
+/// reference to a variable `lookup` does not know stays as written. This is how a
+/// kernelspec puts a directory in front of the `PATH` the kernel would get.
+pub fn expand_env_value(value: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
+    let is_start = |c: char| c == '_' || c.is_ascii_alphabetic();
+    let is_name = |c: char| c == '_' || c.is_ascii_alphanumeric();
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+            continue;
+        }
+        let (name, consumed) = if let Some(braced) = after.strip_prefix('{') {
+            match braced.find('}') {
+                Some(end)
+                    if braced[..end].starts_with(is_start)
+                        && braced[..end].chars().all(is_name) =>
+                {
+                    (&braced[..end], end + 2)
+                }
+                _ => ("", 0),
+            }
+        } else if after.starts_with(is_start) {
+            let end = after.find(|c: char| !is_name(c)).unwrap_or(after.len());
+            (&after[..end], end)
+        } else {
+            ("", 0)
+        };
+        match (consumed, lookup(name)) {
+            (n, Some(v)) if n > 0 => out.push_str(&v),
+            _ => out.push_str(&rest[i..i + 1 + consumed]),
+        }
+        rest = &after[consumed..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The ordered list of kernelspec directories (each holding `<name>/kernel.json`).
 pub fn default_search_dirs(extra: &[PathBuf]) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = extra.to_vec();
@@ -290,6 +333,24 @@ mod tests {
         assert!(r.resolve("cobol").is_none());
         assert!(r.find_by_name("broken").is_none());
         assert!(r.find_by_name("../x").is_none());
+    }
+
+    #[test]
+    fn env_values_expand_like_jupyter() {
+        let lookup = |k: &str| match k {
+            "PATH" => Some("/usr/bin:/bin".to_string()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        let x = |v: &str| expand_env_value(v, &lookup);
+        assert_eq!(x("/opt/venv/bin:${PATH}"), "/opt/venv/bin:/usr/bin:/bin");
+        assert_eq!(x("$PATH:/x"), "/usr/bin:/bin:/x");
+        assert_eq!(x("a$EMPTY-b"), "a-b");
+        assert_eq!(x("$$PATH"), "$PATH");
+        assert_eq!(x("${UNKNOWN}/$UNKNOWN"), "${UNKNOWN}/$UNKNOWN");
+        assert_eq!(x("cost: $5 ${ broken } $"), "cost: $5 ${ broken } $");
+        assert_eq!(x("é$PATHé"), "é/usr/bin:/biné");
+        assert_eq!(x("$PATHX ${PATH}é"), "$PATHX /usr/bin:/biné");
     }
 
     #[test]

@@ -156,6 +156,113 @@ def test_charts(sandbox, plot, chart_type):
     assert len(chart.elements) >= 1
 
 
+# The chart cases as LLM-written code draws them, each checked down to its elements.
+# Both kernel profiles pin matplotlib 3.10.x, where boxplot(labels=) still works.
+
+
+def chart_of(sandbox, code):
+    execution = sandbox.run_code("import matplotlib.pyplot as plt\nimport numpy as np\n" + code)
+    assert execution.error is None, execution.error
+    assert len(execution.results) == 1, execution.results
+    assert execution.results[0].png
+    chart = execution.results[0].chart
+    assert chart is not None
+    return chart
+
+
+def test_chart_line_elements(sandbox):
+    chart = chart_of(sandbox, (
+        "x = np.linspace(0, 2, 5)\n"
+        "plt.plot(x, x ** 2, label='square')\nplt.plot(x, x + 1, label='shift')\n"
+        "plt.xlabel('Time (s)')\nplt.ylabel('Value')\nplt.title('Lines')\nplt.legend()\nplt.show()"
+    ))
+    assert chart.type == ChartType.LINE
+    assert (chart.title, chart.x_label, chart.y_label, chart.x_unit) == ("Lines", "Time (s)", "Value", "s")
+    assert [e.label for e in chart.elements] == ["square", "shift"]
+    assert chart.elements[0].points[-1] == (2.0, 4.0)
+    assert len(chart.elements[1].points) == 5
+
+
+def test_chart_bar_elements(sandbox):
+    chart = chart_of(sandbox, (
+        "plt.bar(['Q1', 'Q2', 'Q3'], [10, 25, 15], label='2024')\n"
+        "plt.xlabel('Quarter')\nplt.ylabel('Sales')\nplt.title('Sales')\nplt.show()"
+    ))
+    assert chart.type == ChartType.BAR
+    assert (chart.title, chart.x_label, chart.y_label) == ("Sales", "Quarter", "Sales")
+    assert [(e.label, e.value, e.group) for e in chart.elements] == [
+        ("Q1", 10, "2024"), ("Q2", 25, "2024"), ("Q3", 15, "2024")
+    ]
+
+
+def test_chart_scatter_elements(sandbox):
+    chart = chart_of(sandbox, (
+        "plt.scatter([1, 2, 3], [4, 5, 6], label='A')\nplt.scatter([1, 2], [7, 8], label='B')\n"
+        "plt.xlabel('x')\nplt.ylabel('y')\nplt.title('Points')\nplt.legend()\nplt.show()"
+    ))
+    assert chart.type == ChartType.SCATTER
+    assert [e.label for e in chart.elements] == ["A", "B"]
+    assert chart.elements[0].points == [(1, 4), (2, 5), (3, 6)]
+    assert chart.elements[1].points == [(1, 7), (2, 8)]
+
+
+def test_chart_pie_elements(sandbox):
+    chart = chart_of(sandbox, (
+        "plt.pie([1, 1, 2], labels=['a', 'b', 'c'])\nplt.title('Pie')\nplt.show()"
+    ))
+    assert chart.type == ChartType.PIE
+    assert chart.title == "Pie"
+    assert [(e.label, round(e.angle), e.radius) for e in chart.elements] == [
+        ("a", 90, 1), ("b", 90, 1), ("c", 180, 1)
+    ]
+
+
+def test_chart_box_and_whiskers_with_labels(sandbox):
+    # Axes.boxplot(labels=) is what LLM-written code uses; matplotlib 3.11 removed it.
+    # (Boxes are recognised when drawn as patches, patch_artist=True, as in the reference.)
+    chart = chart_of(sandbox, (
+        "fig, ax = plt.subplots()\n"
+        "ax.boxplot([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7, 8, 9, 30]], labels=['A', 'B'], patch_artist=True)\n"
+        "ax.set_title('Boxes')\nax.set_xlabel('Group')\nax.set_ylabel('Score')\nplt.show()"
+    ))
+    assert chart.type == ChartType.BOX_AND_WHISKER
+    assert (chart.title, chart.x_label, chart.y_label) == ("Boxes", "Group", "Score")
+    a, b = chart.elements
+    assert (a.label, a.min, a.first_quartile, a.median, a.third_quartile, a.max) == ("A", 1, 2, 3, 4, 5)
+    assert (b.label, b.first_quartile, b.median, b.third_quartile, b.max, b.outliers) == ("B", 4, 6, 8, 9, [30])
+
+
+def test_chart_with_numpy_integer_ticks(sandbox):
+    # boxplot() without patches is recognised as lines; its ticks are numpy integers,
+    # which the chart must survive (they once made the whole chart disappear).
+    chart = chart_of(sandbox, "plt.boxplot([[1, 2, 3], [4, 5, 9]], labels=['a', 'b'])\nplt.title('t')\nplt.show()")
+    assert chart.type == ChartType.LINE
+    assert chart.x_ticks == [1, 2] and chart.x_tick_labels == ["a", "b"]
+
+
+def test_chart_superchart_elements(sandbox):
+    chart = chart_of(sandbox, (
+        "fig, (a, b) = plt.subplots(1, 2)\nfig.suptitle('Both')\n"
+        "a.plot([1, 2], [3, 4]); a.set_title('line')\n"
+        "b.bar(['x', 'y'], [1, 2]); b.set_title('bars')\nplt.show()"
+    ))
+    assert chart.type == ChartType.SUPERCHART
+    assert chart.title == "Both"
+    assert [(c.type, c.title) for c in chart.elements] == [
+        (ChartType.LINE, "line"), (ChartType.BAR, "bars")
+    ]
+
+
+def test_chart_unknown(sandbox):
+    chart = chart_of(sandbox, (
+        "fig, ax = plt.subplots()\nax.add_patch(plt.Circle((0.5, 0.5), 0.2))\n"
+        "ax.set_title('Circle')\nplt.show()"
+    ))
+    assert chart.type == ChartType.UNKNOWN
+    assert chart.title == "Circle"
+    assert chart.elements == []
+
+
 def test_contexts_create_list_restart_remove(sandbox):
     ctx = sandbox.create_code_context(cwd="/tmp")
     assert ctx.language == "python" and ctx.cwd == "/tmp"

@@ -65,7 +65,24 @@ def _guestd_install_display():
             chart = chart_figure_to_chart(fig)
             if chart is None:
                 return {}
-            return chart.model_dump(mode="json")
+            try:
+                return chart.model_dump(mode="json")
+            except Exception:  # noqa: BLE001 - numpy scalars (box plots of int data)
+                import decimal
+
+                import orjson
+
+                def plain(o):
+                    if isinstance(o, decimal.Decimal):
+                        return float(o)
+                    if hasattr(o, "item"):
+                        return o.item()
+                    return str(o)
+
+                raw = orjson.dumps(
+                    chart.model_dump(), option=orjson.OPT_SERIALIZE_NUMPY, default=plain
+                )
+                return orjson.loads(raw)
         except Exception:  # noqa: BLE001 - a chart must never break the display
             return {}
 

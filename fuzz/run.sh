@@ -5,6 +5,8 @@
 #                                                 nice 10), growing fuzz/corpus/<target>
 #   fuzz/run.sh --replay [target...]              CI: run every committed seed and crash
 #                                                 regression once, then 2 s of fuzzing each
+#   fuzz/run.sh --build                           only build (release profile); run one
+#                                                 input with target/<host>/release/<t> FILE
 #
 # Coverage instrumentation without nightly: `-Cpasses=sancov-module` plus the
 # sanitizer-coverage LLVM options are stable rustc flags (no `-Zsanitizer`, so no ASan;
@@ -16,12 +18,15 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n 2,8p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n 2,10p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 mode=fuzz
 if [ "$1" = "--replay" ]; then
   mode=replay
   secs=2
+elif [ "$1" = "--build" ]; then
+  mode=build
+  secs=0
 else
   secs=$1
   [[ "$secs" =~ ^[0-9]+$ ]] || usage
@@ -43,8 +48,13 @@ build_start=$(date +%s)
 nice -n 10 cargo build --locked --profile "$profile" --target "$host" --bins
 echo "fuzz build ($profile): $(( $(date +%s) - build_start )) s"
 bin=target/$host/$profile
+[ "$mode" = build ] && exit 0
 
 mkdir -p corpus artifacts logs
+shm=/dev/shm; [ -d "$shm" ] && [ -w "$shm" ] || shm=${TMPDIR:-/tmp}
+GUESTD_FUZZ_SCRATCH=$(mktemp -d "$shm/guestd-fuzz.XXXXXX")
+export GUESTD_FUZZ_SCRATCH
+trap 'rm -rf "$GUESTD_FUZZ_SCRATCH"' EXIT
 printf '%-18s %12s %8s %8s %8s\n' target execs exec/s corpus crashes
 total=0; crashed=0
 for t in $targets; do

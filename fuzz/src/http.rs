@@ -94,9 +94,9 @@ where
 /// framing or EOF).
 pub fn parse_response(raw: &[u8]) -> Option<RawResponse> {
     let end = memchr::memmem::find(raw, b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..end]).expect("response head is ASCII");
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next()?;
+    // Header values may carry obs-text bytes (echoed request headers): bytes, not str.
+    let mut lines = raw[..end].split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let status_line = std::str::from_utf8(lines.next()?).expect("ASCII status line");
     let status: u16 = status_line
         .split(' ')
         .nth(1)
@@ -107,9 +107,10 @@ pub fn parse_response(raw: &[u8]) -> Option<RawResponse> {
         ..RawResponse::default()
     };
     for l in lines {
-        let (n, v) = l.split_once(':').expect("header line");
+        let colon = l.iter().position(|&b| b == b':').expect("header line");
+        let name = std::str::from_utf8(&l[..colon]).expect("ASCII header name");
         resp.headers
-            .push((n.trim().to_ascii_lowercase(), v.trim().as_bytes().to_vec()));
+            .push((name.trim().to_ascii_lowercase(), l[colon + 1..].trim_ascii().to_vec()));
     }
     let rest = &raw[end + 4..];
     let chunked = resp

@@ -23,10 +23,14 @@ pub mod sign;
 pub mod start_plan;
 pub mod upload_body;
 
-/// A per-process scratch directory (created once, removed never: libFuzzer exits
-/// through `exit`, and the directory lives under the system temp dir).
+/// A per-process scratch directory under `$GUESTD_FUZZ_SCRATCH` (`run.sh` points it
+/// into `/dev/shm` and removes it afterwards: targets that write files run much faster
+/// in memory), else the system temp dir.
 pub fn scratch_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("guestd-fuzz-{}-{name}", std::process::id()));
+    let base = std::env::var_os("GUESTD_FUZZ_SCRATCH")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("guestd-fuzz-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create the scratch directory");
     dir
 }

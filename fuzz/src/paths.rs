@@ -124,7 +124,10 @@ pub fn run(data: &[u8]) {
     let text = if input.via_query {
         let enc: String = percent_encoding::percent_encode(&raw, percent_encoding::NON_ALPHANUMERIC)
             .to_string();
-        let uri: http::Uri = format!("/files?path={enc}").parse().expect("encoded query is a URI");
+        // http::Uri refuses URIs over 64 KiB (hyper answers 414 before any handler).
+        let Ok(uri) = format!("/files?path={enc}").parse::<http::Uri>() else {
+            return;
+        };
         match FilesQuery::parse(&uri) {
             Ok(q) => q.path.unwrap_or_default(),
             Err(FilesError { message, .. }) => panic!("a lone path parameter was refused: {message}"),

@@ -270,7 +270,7 @@ pub fn run(data: &[u8]) {
         let grpc_status = resp
             .header("grpc-status")
             .or_else(|| resp.trailer("grpc-status"))
-            .expect("gRPC response without grpc-status");
+            .unwrap_or_else(|| panic!("gRPC response without grpc-status: {resp:?}"));
         if grpc_status == b"0" {
             match kind {
                 Kind::ServerStream => check_messages::<fs::WatchDirRequest>(codec, &envs),

@@ -9,8 +9,8 @@ use arbitrary::{Arbitrary, Unstructured};
 use http::{HeaderMap, HeaderValue};
 
 use guestd::api::files::content::{
-    Precondition, RangeOutcome, Validators, accept_encoding, content_disposition,
-    if_range_allows, parse_range, preconditions, sniff, type_from_extension,
+    Precondition, RangeOutcome, Validators, accept_encoding, content_disposition, if_range_allows,
+    parse_range, preconditions, sniff, type_from_extension,
 };
 
 #[derive(Arbitrary, Debug)]
@@ -81,7 +81,10 @@ pub fn run(data: &[u8]) {
     check_range(&input.range, 0);
 
     let a = accept_encoding(input.accept.iter().map(String::as_str));
-    assert!(!a.prefer_gzip || a.gzip, "gzip preferred but not acceptable");
+    assert!(
+        !a.prefer_gzip || a.gzip,
+        "gzip preferred but not acceptable"
+    );
 
     let mut headers = HeaderMap::new();
     for (which, raw) in &input.headers {

@@ -104,5 +104,8 @@ pub fn run(data: &[u8]) {
         }
     });
     assert_eq!(got, expected, "envelopes differ from the one-shot parse");
-    assert_eq!(end, expected_end, "the body's end differs from the one-shot parse");
+    assert_eq!(
+        end, expected_end,
+        "the body's end differs from the one-shot parse"
+    );
 }

@@ -40,12 +40,21 @@ pub fn run(data: &[u8]) {
         assert_eq!(basic_username(&h2).as_deref(), Some(name.as_str()));
     }
 
-    match metadata_from_headers(input.metadata.iter().map(|(k, v)| (k.as_str(), v.as_slice()))) {
+    match metadata_from_headers(
+        input
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice())),
+    ) {
         Ok(md) => {
             validate_metadata(&md).expect("accepted metadata validates");
             for (k, v) in &md {
                 assert!(!k.is_empty() && k.len() <= 246);
-                assert!(k.bytes().chain(v.bytes()).all(|b| (0x20..=0x7e).contains(&b)));
+                assert!(
+                    k.bytes()
+                        .chain(v.bytes())
+                        .all(|b| (0x20..=0x7e).contains(&b))
+                );
             }
         }
         Err(e) => assert!(e.to_string().starts_with("invalid metadata: ")),

@@ -83,7 +83,10 @@ where
         });
         let mut out = Vec::new();
         let read = tokio::time::timeout(EXCHANGE_LIMIT, rd.read_to_end(&mut out)).await;
-        assert!(read.is_ok(), "no complete response within {EXCHANGE_LIMIT:?}");
+        assert!(
+            read.is_ok(),
+            "no complete response within {EXCHANGE_LIMIT:?}"
+        );
         let _ = writer.await;
         conn.abort();
         parse_response(&out)
@@ -95,7 +98,9 @@ where
 pub fn parse_response(raw: &[u8]) -> Option<RawResponse> {
     let end = memchr::memmem::find(raw, b"\r\n\r\n")?;
     // Header values may carry obs-text bytes (echoed request headers): bytes, not str.
-    let mut lines = raw[..end].split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let mut lines = raw[..end]
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let status_line = std::str::from_utf8(lines.next()?).expect("ASCII status line");
     let status: u16 = status_line
         .split(' ')
@@ -109,8 +114,10 @@ pub fn parse_response(raw: &[u8]) -> Option<RawResponse> {
     for l in lines {
         let colon = l.iter().position(|&b| b == b':').expect("header line");
         let name = std::str::from_utf8(&l[..colon]).expect("ASCII header name");
-        resp.headers
-            .push((name.trim().to_ascii_lowercase(), l[colon + 1..].trim_ascii().to_vec()));
+        resp.headers.push((
+            name.trim().to_ascii_lowercase(),
+            l[colon + 1..].trim_ascii().to_vec(),
+        ));
     }
     let rest = &raw[end + 4..];
     let chunked = resp
@@ -125,7 +132,10 @@ pub fn parse_response(raw: &[u8]) -> Option<RawResponse> {
             .ok()
             .and_then(|s| s.parse().ok())
             .expect("numeric Content-Length");
-        assert!(rest.len() >= len, "response body shorter than Content-Length");
+        assert!(
+            rest.len() >= len,
+            "response body shorter than Content-Length"
+        );
         resp.body = rest[..len].to_vec();
     } else {
         resp.body = rest.to_vec();

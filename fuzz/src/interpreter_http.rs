@@ -88,7 +88,10 @@ fn manager_handler() -> Handler {
             interrupt_restart: Duration::from_secs(10),
             cgroups: None,
         };
-        handler(Arc::new(KernelManager::new(opts, GlobalEnv::new(BTreeMap::new()))))
+        handler(Arc::new(KernelManager::new(
+            opts,
+            GlobalEnv::new(BTreeMap::new()),
+        )))
     })
     .clone()
 }
@@ -177,12 +180,14 @@ fn check_env_code(lang: &str, env: &[(String, String)]) {
                     .strip_prefix("__guestd_os.environ[")
                     .expect("environ assignment");
                 let mut de = serde_json::Deserializer::from_str(rest).into_iter::<String>();
-                let key = de.next().expect("key literal").expect("key is a JSON string");
+                let key = de
+                    .next()
+                    .expect("key literal")
+                    .expect("key is a JSON string");
                 let after = &rest[de.byte_offset()..];
-                let value: String = serde_json::from_str(
-                    after.strip_prefix("] = ").expect("assignment"),
-                )
-                .expect("value is a JSON string");
+                let value: String =
+                    serde_json::from_str(after.strip_prefix("] = ").expect("assignment"))
+                        .expect("value is a JSON string");
                 assert_eq!((&key, &value), (k, v), "python assignment");
             }
         }
@@ -253,7 +258,10 @@ pub fn run(data: &[u8]) {
     )
     .into_bytes();
     if let Some((m, h)) = &input.preflight_headers {
-        for (name, v) in [("Access-Control-Request-Method", m), ("Access-Control-Request-Headers", h)] {
+        for (name, v) in [
+            ("Access-Control-Request-Method", m),
+            ("Access-Control-Request-Headers", h),
+        ] {
             req.extend_from_slice(name.as_bytes());
             req.extend_from_slice(b": ");
             req.extend_from_slice(&header_safe(v));
@@ -279,6 +287,10 @@ pub fn run(data: &[u8]) {
         );
     }
     if resp.status >= 400 {
-        assert!(!resp.body.is_empty(), "error {} without a body", resp.status);
+        assert!(
+            !resp.body.is_empty(),
+            "error {} without a body",
+            resp.status
+        );
     }
 }

@@ -66,8 +66,14 @@ pub fn run(data: &[u8]) {
         .expect("our own encoding decodes");
     assert_eq!(again.header, msg.header, "header changed in a round trip");
     assert_eq!(again.parent, msg.parent, "parent changed in a round trip");
-    assert_eq!(again.metadata, msg.metadata, "metadata changed in a round trip");
-    assert_eq!(again.content, msg.content, "content changed in a round trip");
+    assert_eq!(
+        again.metadata, msg.metadata,
+        "metadata changed in a round trip"
+    );
+    assert_eq!(
+        again.content, msg.content,
+        "content changed in a round trip"
+    );
 
     let mut tracker = Tracker::new(msg.parent_id().unwrap_or("request"));
     let mut outputs = tracker.on_iopub(&msg);
@@ -80,6 +86,9 @@ pub fn run(data: &[u8]) {
         assert!(body.is_ascii(), "non-ASCII /execute line");
         assert!(!body.contains(&b'\n'), "newline inside an /execute line");
         let v: serde_json::Value = serde_json::from_slice(body).expect("line is JSON");
-        assert!(v.get("type").and_then(|t| t.as_str()).is_some(), "line without a type");
+        assert!(
+            v.get("type").and_then(|t| t.as_str()).is_some(),
+            "line without a type"
+        );
     }
 }

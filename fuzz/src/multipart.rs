@@ -47,7 +47,11 @@ pub async fn parse_all(boundary: &str, src: &mut impl ChunkSource) -> Parsed {
     }
     .await
     .map_err(|e| e.to_string());
-    assert_eq!(m.parts(), parts.len(), "parts() disagrees with the parts read");
+    assert_eq!(
+        m.parts(),
+        parts.len(),
+        "parts() disagrees with the parts read"
+    );
     (parts, end)
 }
 
@@ -82,12 +86,19 @@ pub fn run(data: &[u8]) {
             return;
         }
     };
-    assert!(!b.is_empty() && b.len() <= 70, "boundary of {} bytes accepted", b.len());
+    assert!(
+        !b.is_empty() && b.len() <= 70,
+        "boundary of {} bytes accepted",
+        b.len()
+    );
     let one = crate::http::block_on(parse_all(
         &b,
         &mut Chunks(std::iter::once(Bytes::from(input.body.clone())).collect()),
     ));
-    let many = crate::http::block_on(parse_all(&b, &mut Chunks(split(&input.body, &input.splits))));
+    let many = crate::http::block_on(parse_all(
+        &b,
+        &mut Chunks(split(&input.body, &input.splits)),
+    ));
     assert_eq!(one, many, "the parse depends on how the body is chunked");
     if let Err(e) = &one.1 {
         assert!(e.starts_with("malformed multipart body: "), "{e}");

@@ -42,8 +42,18 @@ struct Input {
 }
 
 const KNOWN: &[&str] = &[
-    "a.txt", "dir", "dir/sub", "loop", "dangling", "up", "top", "chain1", "fifo", "dir/b.txt",
-    "self", "deep",
+    "a.txt",
+    "dir",
+    "dir/sub",
+    "loop",
+    "dangling",
+    "up",
+    "top",
+    "chain1",
+    "fifo",
+    "dir/b.txt",
+    "self",
+    "deep",
 ];
 
 struct NoUsers;
@@ -82,7 +92,10 @@ fn root() -> &'static Path {
         link("dir", "chain2");
         link(".", "self");
         link("dir/sub/deeper", "deep");
-        let _ = nix::unistd::mkfifo(&home.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644));
+        let _ = nix::unistd::mkfifo(
+            &home.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        );
         let odd = std::ffi::OsStr::from_bytes(b"bad-\xff-name");
         std::fs::write(home.join(odd), b"x").expect("write");
         root
@@ -105,7 +118,9 @@ fn render(parts: &[Part]) -> Vec<u8> {
             Part::Long(n) => out.extend(std::iter::repeat_n(b'x', usize::from(*n) % 5000)),
             Part::Nul => out.push(0),
             Part::Raw(r) => out.extend_from_slice(r),
-            Part::Known(i) => out.extend_from_slice(KNOWN[usize::from(*i) % KNOWN.len()].as_bytes()),
+            Part::Known(i) => {
+                out.extend_from_slice(KNOWN[usize::from(*i) % KNOWN.len()].as_bytes())
+            }
         }
     }
     out
@@ -122,15 +137,17 @@ pub fn run(data: &[u8]) {
     };
     let raw = render(&input.parts);
     let text = if input.via_query {
-        let enc: String = percent_encoding::percent_encode(&raw, percent_encoding::NON_ALPHANUMERIC)
-            .to_string();
+        let enc: String =
+            percent_encoding::percent_encode(&raw, percent_encoding::NON_ALPHANUMERIC).to_string();
         // http::Uri refuses URIs over 64 KiB (hyper answers 414 before any handler).
         let Ok(uri) = format!("/files?path={enc}").parse::<http::Uri>() else {
             return;
         };
         match FilesQuery::parse(&uri) {
             Ok(q) => q.path.unwrap_or_default(),
-            Err(FilesError { message, .. }) => panic!("a lone path parameter was refused: {message}"),
+            Err(FilesError { message, .. }) => {
+                panic!("a lone path parameter was refused: {message}")
+            }
         }
     } else {
         String::from_utf8_lossy(&raw).into_owned()
@@ -152,7 +169,10 @@ pub fn run(data: &[u8]) {
         }
         Err(e @ PathError::UserHome(_)) => {
             assert!(effective.starts_with('~') && effective != "~" && !effective.starts_with("~/"));
-            assert!(e.to_string().contains("cannot expand user-specific home dir"));
+            assert!(
+                e.to_string()
+                    .contains("cannot expand user-specific home dir")
+            );
             return;
         }
         Ok(p) => p,
@@ -160,10 +180,20 @@ pub fn run(data: &[u8]) {
     assert!(!text.contains('\0'), "a path with NUL resolved");
     assert!(!resolved.as_os_str().as_bytes().contains(&0));
     if effective.starts_with('/') {
-        assert_eq!(resolved.as_os_str().as_bytes(), effective.as_bytes(), "absolute paths are verbatim");
+        assert_eq!(
+            resolved.as_os_str().as_bytes(),
+            effective.as_bytes(),
+            "absolute paths are verbatim"
+        );
     } else {
-        assert!(resolved.is_absolute(), "{effective:?} resolved to relative {resolved:?}");
-        assert!(is_normal(&resolved), "{effective:?} resolved to unnormalized {resolved:?}");
+        assert!(
+            resolved.is_absolute(),
+            "{effective:?} resolved to relative {resolved:?}"
+        );
+        assert!(
+            is_normal(&resolved),
+            "{effective:?} resolved to unnormalized {resolved:?}"
+        );
     }
     let n = normalize(&resolved);
     assert_eq!(normalize(&n), n, "normalize is not idempotent");

@@ -130,7 +130,13 @@ pub fn run(data: &[u8]) {
     let media = ct
         .as_deref()
         .and_then(|c| std::str::from_utf8(c).ok())
-        .map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|c| {
+            c.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default();
     let grpc = media.starts_with("application/grpc");
     let json = media.ends_with("json");
@@ -162,7 +168,8 @@ pub fn run(data: &[u8]) {
         Kind::ServerStream => "/filesystem.Filesystem/WatchDir",
         Kind::ClientStream => "/process.Process/StreamInput",
     };
-    let mut req = format!("POST {path} HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n").into_bytes();
+    let mut req =
+        format!("POST {path} HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n").into_bytes();
     let mut header = |name: &str, value: &[u8]| {
         req.extend_from_slice(name.as_bytes());
         req.extend_from_slice(b": ");
@@ -259,7 +266,10 @@ pub fn run(data: &[u8]) {
         if status == 200 {
             rpc::decode::<pr::StartRequest>(codec, &resp.body).expect("unary response decodes");
         } else {
-            assert_eq!(resp_ct, "application/json", "Connect unary error content type");
+            assert_eq!(
+                resp_ct, "application/json",
+                "Connect unary error content type"
+            );
             assert_connect_error_json(&resp.body);
         }
         return;
@@ -286,8 +296,14 @@ pub fn run(data: &[u8]) {
         return;
     }
     let envs = envelopes(&resp.body);
-    let (last, messages) = envs.split_last().expect("Connect stream without an end message");
-    assert_eq!(last.0 & 2, 2, "the last Connect envelope is not end-of-stream");
+    let (last, messages) = envs
+        .split_last()
+        .expect("Connect stream without an end message");
+    assert_eq!(
+        last.0 & 2,
+        2,
+        "the last Connect envelope is not end-of-stream"
+    );
     let end: serde_json::Value =
         serde_json::from_slice(&last.1).expect("end-of-stream message is JSON");
     if let Some(err) = end.get("error") {

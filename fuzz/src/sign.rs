@@ -55,7 +55,11 @@ pub fn run(data: &[u8]) {
         assert!(!e.message.is_empty());
     }
     if let Some(h) = &input.header {
-        assert_eq!(verdict.is_ok(), h == input.token.as_bytes(), "header token check");
+        assert_eq!(
+            verdict.is_ok(),
+            h == input.token.as_bytes(),
+            "header token check"
+        );
         return;
     }
     let path = q.path.as_deref().unwrap_or("");
@@ -64,7 +68,11 @@ pub fn run(data: &[u8]) {
     let good = signature(path, op, user, &input.token, exp);
     let expired = exp.is_some_and(|e| e < input.now);
     let presented_ok = q.signature.as_deref() == Some(good.as_str());
-    assert_eq!(verdict.is_ok(), presented_ok && !expired, "verdict for {q:?}");
+    assert_eq!(
+        verdict.is_ok(),
+        presented_ok && !expired,
+        "verdict for {q:?}"
+    );
 
     // The SDK's URL for the same request: form-encode the fields and parse it back.
     let mut ser = form_urlencoded::Serializer::new(String::new());
@@ -94,9 +102,15 @@ pub fn run(data: &[u8]) {
         Operation::Read => Operation::Write,
         Operation::Write => Operation::Read,
     };
-    assert!(authorize(&token, None, &signed, other, input.now).is_err(), "wrong operation accepted");
+    assert!(
+        authorize(&token, None, &signed, other, input.now).is_err(),
+        "wrong operation accepted"
+    );
     let mut wrong_token = input.token.clone();
     wrong_token.push('x');
     token.set(wrong_token);
-    assert!(authorize(&token, None, &signed, op, input.now).is_err(), "wrong token accepted");
+    assert!(
+        authorize(&token, None, &signed, op, input.now).is_err(),
+        "wrong token accepted"
+    );
 }

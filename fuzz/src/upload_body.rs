@@ -134,10 +134,17 @@ pub fn run(data: &[u8]) {
         }
     }
     if !raw {
-        let expected = if gzip { gunzip_all(&body) } else { Ok(body.clone()) };
+        let expected = if gzip {
+            gunzip_all(&body)
+        } else {
+            Ok(body.clone())
+        };
         match (&out.body_error, expected) {
             (None, Ok(exp)) if !multipart => assert_eq!(out.decoded, exp, "decoded body differs"),
-            (_, Ok(exp)) => assert!(exp.starts_with(&out.decoded), "decoded bytes are not a prefix"),
+            (_, Ok(exp)) => assert!(
+                exp.starts_with(&out.decoded),
+                "decoded bytes are not a prefix"
+            ),
             (None, Err(e)) if !multipart => {
                 panic!("streaming gunzip accepted a body one-shot decoding refuses: {e}")
             }

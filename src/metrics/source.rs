@@ -234,7 +234,13 @@ mod tests {
         assert_eq!(t.total, u64::MAX);
         assert!(t.busy <= t.total);
         let t = parse_proc_stat("cpu 1 1 1 18446744073709551615 18446744073709551615\n").unwrap();
-        assert_eq!(t, CpuTimes { busy: 0, total: u64::MAX });
+        assert_eq!(
+            t,
+            CpuTimes {
+                busy: 0,
+                total: u64::MAX
+            }
+        );
     }
 
     #[test]

@@ -45,7 +45,8 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module \
 profile=release
 [ "$mode" = replay ] && profile=replay
 build_start=$(date +%s)
-nice -n 10 cargo build --locked --profile "$profile" --target "$host" --bins
+# Not --locked: a dependency the agent gains is added to fuzz/Cargo.lock here.
+nice -n 10 cargo build --profile "$profile" --target "$host" --bins
 echo "fuzz build ($profile): $(( $(date +%s) - build_start )) s"
 bin=target/$host/$profile
 [ "$mode" = build ] && exit 0

@@ -277,6 +277,22 @@ mod tests {
         assert_eq!(back.msg_id(), msg.msg_id());
     }
 
+    /// Fuzz regression (fuzz/regressions/jupyter_wire): without serde_json's
+    /// `float_roundtrip`, a long number literal parsed one ulp off and the bridge
+    /// changed a kernel's numbers on their way to the client.
+    #[test]
+    fn numbers_pass_through_exactly() {
+        let literal = "75555555555555555555555555";
+        let exact: f64 = literal.parse().expect("f64");
+        let signer = Signer::new(b"k");
+        let mut msg = Message::new("display_data", "s", json!({}));
+        msg.content = serde_json::from_str(&format!("{{\"x\": {literal}}}")).expect("json");
+        assert_eq!(msg.content["x"].as_f64(), Some(exact));
+        let back = signer.decode(&signer.encode(&msg)).expect("decode");
+        assert_eq!(back.content, msg.content);
+        assert_eq!(back.content["x"].as_f64(), Some(exact));
+    }
+
     #[test]
     fn known_signature() {
         // HMAC-SHA256("key", "The quick brown fox jumps over the lazy dog")

@@ -97,8 +97,9 @@ pub fn parse_proc_stat(text: &str) -> Option<CpuTimes> {
         return None;
     }
     // user nice system idle iowait irq softirq steal (guest fields are in user/nice).
-    let idle = v[3] + v.get(4).copied().unwrap_or(0);
-    let total: u64 = v.iter().take(8).sum();
+    // Saturating: counters near u64::MAX (a fake or corrupt /proc) must not overflow.
+    let idle = v[3].saturating_add(v.get(4).copied().unwrap_or(0));
+    let total = v.iter().take(8).fold(0u64, |a, &b| a.saturating_add(b));
     Some(CpuTimes {
         busy: total.saturating_sub(idle),
         total,
@@ -221,6 +222,23 @@ mod tests {
             CpuTimes {
                 busy: 150,
                 total: 1000
+            }
+        );
+    }
+
+    /// Fuzz regression (fuzz/regressions/proc_text): counters whose sum overflows u64
+    /// panicked with overflow checks on (and wrapped without them).
+    #[test]
+    fn proc_stat_saturates_huge_counters() {
+        let t = parse_proc_stat("cpu 44 .44 4 444 4 44444 4 18446744073709551615\n").unwrap();
+        assert_eq!(t.total, u64::MAX);
+        assert!(t.busy <= t.total);
+        let t = parse_proc_stat("cpu 1 1 1 18446744073709551615 18446744073709551615\n").unwrap();
+        assert_eq!(
+            t,
+            CpuTimes {
+                busy: 0,
+                total: u64::MAX
             }
         );
     }

@@ -695,6 +695,11 @@ fn grpc_response<T: RpcMessage>(
         header::CONTENT_TYPE,
         HeaderValue::from_static(grpc_content_type(codec)),
     );
+    // HTTP/1.1 (hyper) sends only the trailer fields announced here; HTTP/2 sends all.
+    resp.headers_mut().insert(
+        header::TRAILER,
+        HeaderValue::from_static("grpc-status, grpc-message"),
+    );
     resp
 }
 
@@ -835,6 +840,18 @@ mod tests {
             ctx(headers(&[("keepalive-ping-interval", "0")])).keepalive_interval(),
             Duration::from_secs(90)
         );
+    }
+
+    /// Fuzz regression (fuzz/regressions/rpc_call): over HTTP/1.1 hyper drops trailer
+    /// fields the response did not announce, so gRPC streams ended without grpc-status.
+    #[test]
+    fn grpc_streams_announce_their_trailers() {
+        let resp = grpc_response::<crate::proto::process::ListRequest>(
+            Codec::Json,
+            futures_util::stream::empty().boxed(),
+            None,
+        );
+        assert_eq!(resp.headers()[header::TRAILER], "grpc-status, grpc-message");
     }
 
     #[test]

@@ -18,6 +18,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(cli.log_format);
+    raise_nofile_limit();
     let config = Config::from(&cli);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -39,5 +40,24 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Before any thread or descriptor exists: the soft open-file limit goes up to the hard
+/// one (every connection, watch, pipe and kernel socket is a descriptor).
+fn raise_nofile_limit() {
+    match guestd::sys::limits::raise_nofile_limit() {
+        Ok(l) if l.soft_before < l.soft => tracing::info!(
+            soft_before = l.soft_before,
+            soft = l.soft,
+            hard = l.hard,
+            "raised the open-file limit (RLIMIT_NOFILE) to the hard limit"
+        ),
+        Ok(l) => tracing::info!(
+            soft = l.soft,
+            hard = l.hard,
+            "open-file limit (RLIMIT_NOFILE) already at the hard limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)"),
     }
 }

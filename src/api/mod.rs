@@ -136,10 +136,19 @@ impl Agent {
     }
 }
 
-/// Unknown users are `unauthenticated` (contract §2.2).
+/// Unknown users are `unauthenticated` (contract §2.2). A lookup that failed for lack
+/// of descriptors or memory is `resource_exhausted` (the user may well exist; retrying
+/// later may work), any other lookup failure `internal`; both keep the errno.
 pub fn user_error(e: UserError) -> RpcError {
-    RpcError::new(crate::transport::Code::Unauthenticated, e.to_string())
+    use crate::transport::Code;
+    let code = match &e {
+        UserError::Unknown(_) => Code::Unauthenticated,
+        e if e.is_resource_exhaustion() => Code::ResourceExhausted,
+        UserError::Lookup { .. } => Code::Internal,
+    };
+    RpcError::new(code, e.to_string())
 }
+
 
 /// The request handler of the agent port.
 pub fn handler(agent: Arc<Agent>) -> Handler {

@@ -229,20 +229,20 @@ impl Kernel {
             }
             Err(e) => return Err(KernelError::Cwd(p.cwd.display().to_string(), e.to_string())),
         }
-        let ports = free_ports().map_err(|e| fail(format!("cannot allocate ports: {e}")))?;
+        let ports = free_ports().map_err(|e| KernelError::start_io("cannot allocate ports", &e))?;
         let key = format!(
             "{}{}",
             uuid::Uuid::new_v4().simple(),
             uuid::Uuid::new_v4().simple()
         );
-        let dir = runtime_dir().map_err(|e| fail(format!("no runtime directory: {e}")))?;
+        let dir = runtime_dir().map_err(|e| KernelError::start_io("no runtime directory", &e))?;
         let conn_file = dir.join(format!(
             "kernel-{}-{}.json",
             p.label,
             uuid::Uuid::new_v4().simple()
         ));
         write_connection_file(&conn_file, &ports, &key, &p.spec.name)
-            .map_err(|e| fail(format!("cannot write connection file: {e}")))?;
+            .map_err(|e| KernelError::start_io("cannot write connection file", &e))?;
         // From here on, the file is removed by Kernel's drop (or below on early failure).
         let argv = p.spec.command_line(&conn_file);
         let mut cmd = std::process::Command::new(&argv[0]);
@@ -306,7 +306,7 @@ impl Kernel {
                 if let Some(l) = &leaf {
                     l.remove();
                 }
-                return Err(fail(format!("cannot run {}: {e}", argv[0])));
+                return Err(KernelError::start_io(&format!("cannot run {}", argv[0]), &e));
             }
         };
         let pid = waiter.pid();
@@ -374,6 +374,10 @@ impl Kernel {
         let sockets = tokio::select! {
             r = timeout(READY_TIMEOUT, connect) => match r {
                 Ok(Ok(s)) => s,
+                Ok(Err(zeromq::ZmqError::Network(e))) => {
+                    kernel_partial.kill();
+                    return Err(KernelError::start_io("cannot connect to the kernel", &e));
+                }
                 Ok(Err(e)) => {
                     kernel_partial.kill();
                     return Err(fail(format!("cannot connect to the kernel: {e}")));

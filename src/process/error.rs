@@ -21,7 +21,7 @@ pub enum ProcessError {
     /// or a request that cannot be turned into an exec (a NUL byte in an argument).
     #[error("failed to start process: {0}")]
     Spawn(#[source] io::Error),
-    /// `resource_exhausted`: EAGAIN/ENOMEM/EMFILE/ENFILE/ENOSPC while spawning.
+    /// `resource_exhausted`: EAGAIN/ENOMEM/EMFILE/ENFILE/ENOBUFS/ENOSPC while spawning.
     #[error("failed to start process, out of resources: {0}")]
     ResourceExhausted(#[source] io::Error),
     /// `internal`.
@@ -58,13 +58,11 @@ impl ProcessError {
     }
 }
 
-/// EAGAIN, ENOMEM, EMFILE, ENFILE and ENOSPC: the machine (or a limit) is out of
-/// something; retrying later may work.
+/// The errnos of [`crate::sys::limits::is_resource_exhaustion`] (EAGAIN, ENOMEM,
+/// EMFILE, ENFILE, ENOBUFS, …) and ENOSPC (no PTY left): the machine (or a limit) is out
+/// of something; retrying later may work.
 pub(crate) fn is_resource_exhaustion(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE | libc::ENOSPC)
-    )
+    crate::sys::limits::is_resource_exhaustion(err) || err.raw_os_error() == Some(libc::ENOSPC)
 }
 
 /// Returned by [`super::Subscription::next`].

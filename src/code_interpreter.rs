@@ -173,7 +173,10 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reject> {
         }
         Err(e) => Err(Box::new(text_response(
             StatusCode::BAD_REQUEST,
-            format!("Cannot read request body: {e}"),
+            format!(
+                "Cannot read request body: {}",
+                crate::transport::body::BodyFault::classify(&*e)
+            ),
         ))),
     }
 }

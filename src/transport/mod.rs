@@ -2,6 +2,7 @@
 //! calls for the API layer; nothing below `api` sees HTTP.
 
 pub mod auth;
+pub mod body;
 pub mod envelope;
 pub mod error;
 pub mod rpc;

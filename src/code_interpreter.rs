@@ -36,11 +36,16 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const MAX_REQUEST_BYTES: usize = 64 << 20;
 
 /// The request handler of the code-interpreter listener.
+/// Requests hyper rejects before routing get the JSON error shape
+/// `{"code":<status>,"message"}`.
 pub fn handler(mgr: Arc<KernelManager>) -> Handler {
-    Arc::new(move |req: Request<Incoming>| {
-        let mgr = mgr.clone();
-        Box::pin(async move { route(mgr, req).await })
-    })
+    Handler::new(
+        move |req: Request<Incoming>| {
+            let mgr = mgr.clone();
+            Box::pin(async move { route(mgr, req).await })
+        },
+        crate::server::rest_error_page,
+    )
 }
 
 async fn route(mgr: Arc<KernelManager>, req: Request<Incoming>) -> Response<Body> {

@@ -149,22 +149,53 @@ pub fn user_error(e: UserError) -> RpcError {
     RpcError::new(code, e.to_string())
 }
 
-
 /// The request handler of the agent port.
 pub fn handler(agent: Arc<Agent>) -> Handler {
-    Arc::new(move |req: Request<Incoming>| {
-        let agent = agent.clone();
-        Box::pin(async move {
-            let origin_request = req.method() == Method::OPTIONS;
-            let mut resp = if origin_request {
-                preflight(&req)
-            } else {
-                authorized_route(agent, req).await
-            };
-            add_cors_headers(&mut resp);
-            resp
-        })
-    })
+    Handler::new(
+        move |req: Request<Incoming>| {
+            let agent = agent.clone();
+            Box::pin(async move {
+                let origin_request = req.method() == Method::OPTIONS;
+                let mut resp = if origin_request {
+                    preflight(&req)
+                } else {
+                    authorized_route(agent, req).await
+                };
+                add_cors_headers(&mut resp);
+                resp
+            })
+        },
+        bad_request_page,
+    )
+}
+
+/// The error body for a request hyper rejected before routing: a Connect error on the
+/// RPC paths (`invalid_argument` for 400, `resource_exhausted` for 414/431), the REST
+/// JSON shape `{"code":<status>,"message"}` elsewhere (also when the request line
+/// could not be read).
+pub fn bad_request_page(
+    bad: &crate::transport::h1guard::BadRequest<'_>,
+) -> crate::transport::h1guard::ErrorBody {
+    let path = bad.target.map(|t| match t.parse::<http::Uri>() {
+        Ok(u) => u.path().to_string(),
+        Err(_) => t.to_string(),
+    });
+    let rpc = path.as_deref().is_some_and(|p| {
+        p.starts_with("/process.Process/") || p.starts_with("/filesystem.Filesystem/")
+    });
+    if !rpc {
+        return crate::server::rest_error_page(bad);
+    }
+    let code = if bad.status == StatusCode::BAD_REQUEST {
+        crate::transport::Code::InvalidArgument
+    } else {
+        crate::transport::Code::ResourceExhausted
+    };
+    let body = RpcError::new(code, bad.message).to_connect_json();
+    crate::transport::h1guard::ErrorBody {
+        content_type: "application/json",
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+    }
 }
 
 /// Routes that do not need `X-Access-Token` (contract §2.1): `/health`, and `/files`

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod body;
 pub mod envelope;
+pub mod h1guard;
 pub mod error;
 pub mod rpc;
 

@@ -306,7 +306,10 @@ impl Kernel {
                 if let Some(l) = &leaf {
                     l.remove();
                 }
-                return Err(KernelError::start_io(&format!("cannot run {}", argv[0]), &e));
+                return Err(KernelError::start_io(
+                    &format!("cannot run {}", argv[0]),
+                    &e,
+                ));
             }
         };
         let pid = waiter.pid();

@@ -61,11 +61,23 @@ mod tests {
 
     #[test]
     fn exhaustion_errnos() {
-        for e in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::EAGAIN, libc::ENOBUFS] {
-            assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(e)), "{e}");
+        for e in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
+            libc::EAGAIN,
+            libc::ENOBUFS,
+        ] {
+            assert!(
+                is_resource_exhaustion(&io::Error::from_raw_os_error(e)),
+                "{e}"
+            );
         }
         for e in [libc::ENOENT, libc::EACCES, libc::EINVAL, libc::ENOSPC] {
-            assert!(!is_resource_exhaustion(&io::Error::from_raw_os_error(e)), "{e}");
+            assert!(
+                !is_resource_exhaustion(&io::Error::from_raw_os_error(e)),
+                "{e}"
+            );
         }
         assert!(!is_resource_exhaustion(&io::Error::other("no errno")));
     }

@@ -4,8 +4,8 @@
 pub mod auth;
 pub mod body;
 pub mod envelope;
-pub mod h1guard;
 pub mod error;
+pub mod h1guard;
 pub mod rpc;
 
 use bytes::Bytes;

@@ -46,9 +46,9 @@ impl Raw {
                     return Ok(None);
                 }
                 Ok(Some(Err(e))) => {
-                    return Err(BodyError::Read(crate::transport::body::BodyFault::classify(
-                        &e,
-                    )));
+                    return Err(BodyError::Read(
+                        crate::transport::body::BodyFault::classify(&e),
+                    ));
                 }
                 Ok(Some(Ok(f))) => f,
             };

@@ -45,7 +45,9 @@ async fn handle(agent: &Arc<Agent>, req: Request<Incoming>) -> Result<Composed, 
         .collect()
         .await
         .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 FilesError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("the request body exceeds the limit of {MAX_BODY} bytes"),

@@ -8,25 +8,21 @@ pub const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
 /// What a rejected head says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnosis {
-    /// The problem, for the client.
-    pub message: String,
+    /// The first problem, for the client; `None` when none of the checks finds one.
+    pub message: Option<String>,
     /// The request target, when the request line got that far (it picks the shape of
     /// the error body: Connect JSON on RPC paths).
     pub target: Option<String>,
 }
 
 /// Finds the first problem in `head` (a request head, possibly cut short).
-/// `None` when none of the checks finds one.
-pub fn diagnose(head: &[u8]) -> Option<Diagnosis> {
-    let mut d = Diagnoser {
-        head,
-        target: None,
-    };
-    let message = d.run()?;
-    Some(Diagnosis {
+pub fn diagnose(head: &[u8]) -> Diagnosis {
+    let mut d = Diagnoser { head, target: None };
+    let message = d.run();
+    Diagnosis {
         message,
         target: d.target,
-    })
+    }
 }
 
 /// The message for a status hyper chose when the head itself gives no better one.
@@ -97,6 +93,9 @@ fn byte(b: u8) -> String {
     }
 }
 
+/// A header field: name and value (trimmed).
+type Field<'a> = (&'a [u8], &'a [u8]);
+
 struct Diagnoser<'a> {
     head: &'a [u8],
     target: Option<String>,
@@ -143,15 +142,22 @@ impl<'a> Diagnoser<'a> {
         self.semantics(version?, &fields?)
     }
 
-    /// Checks the request line; `Ok(Some(minor version))` when it is complete.
+    /// Checks the request line; `Ok(Some(minor version))` when it is complete. The
+    /// first offending byte is reported: the part before a bare CR is checked first.
     fn request_line(&mut self, line: &Line<'_>) -> Result<Option<u8>, String> {
-        let l = line.bytes;
-        if let Some(pos) = l.iter().position(|&b| b == b'\r') {
+        let (before_cr, cr) = split_bare_cr(line);
+        let version = self.request_line_until_cr(&before_cr)?;
+        if let Some(pos) = cr {
             return Err(format!(
                 "the request line {} contains a bare CR at byte {pos}: lines end with CRLF",
-                show(l)
+                show(line.bytes)
             ));
         }
+        Ok(version)
+    }
+
+    fn request_line_until_cr(&mut self, line: &Line<'_>) -> Result<Option<u8>, String> {
+        let l = line.bytes;
         let method_len = l.iter().take_while(|&&b| is_tchar(b)).count();
         if method_len == l.len() {
             if line.complete {
@@ -232,7 +238,8 @@ impl<'a> Diagnoser<'a> {
         }
         // Text after the target that is not a version: a space inside the target.
         let looks_like_version = |v: &[u8]| {
-            v.starts_with(b"HTTP/") || (!line.complete && !v.is_empty() && b"HTTP/1.1".starts_with(v))
+            v.starts_with(b"HTTP/")
+                || (!line.complete && !v.is_empty() && b"HTTP/1.1".starts_with(v))
         };
         if version.contains(&b' ') || (!line.complete && !looks_like_version(version)) {
             let last_space = l.iter().rposition(|&b| b == b' ').unwrap_or(l.len());
@@ -247,8 +254,9 @@ impl<'a> Diagnoser<'a> {
             }
             if !line.complete {
                 return Err(format!(
-                    "the request line {} continues after the request target {} with {}, not \
-                     the HTTP version: a space in the target must be percent-encoded as %20",
+                    "the request line {} continues after the request target {} with {}, which \
+                     does not begin the HTTP version `HTTP/1.1`: a space in the target must be \
+                     percent-encoded as %20",
                     show(l),
                     show(target),
                     show(version)
@@ -276,8 +284,7 @@ impl<'a> Diagnoser<'a> {
     }
 
     /// Checks each header line; `Ok(Some(fields))` when the head is complete.
-    #[allow(clippy::type_complexity)]
-    fn header_fields(&self, mut rest: &'a [u8]) -> Result<Option<Vec<(&'a [u8], &'a [u8])>>, String> {
+    fn header_fields(&self, mut rest: &'a [u8]) -> Result<Option<Vec<Field<'a>>>, String> {
         let mut fields = Vec::new();
         let mut n = 1;
         loop {
@@ -287,73 +294,22 @@ impl<'a> Diagnoser<'a> {
             n += 1;
             let (line, after) = next_line(rest);
             rest = after;
-            let l = line.bytes;
-            if l.is_empty() && line.complete {
+            if line.bytes.is_empty() && line.complete {
                 return Ok(Some(fields));
             }
-            if let Some(pos) = l.iter().position(|&b| b == b'\r') {
+            let (before_cr, cr) = split_bare_cr(&line);
+            let field = header_line(n, &before_cr)?;
+            if let Some(pos) = cr {
                 return Err(format!(
                     "line {n} of the request head {} contains a bare CR at byte {pos}: lines \
                      end with CRLF",
-                    show(l)
+                    show(line.bytes)
                 ));
             }
-            if matches!(l.first(), Some(b' ' | b'\t')) {
-                return Err(format!(
-                    "line {n} of the request head {} starts with whitespace: obsolete line \
-                     folding is not accepted",
-                    show(l)
-                ));
-            }
-            let name_len = l.iter().take_while(|&&b| is_tchar(b)).count();
-            let name = &l[..name_len];
-            match l.get(name_len) {
-                None if !line.complete => return Ok(None),
-                None => {
-                    return Err(format!(
-                        "line {n} of the request head {} has no colon: a header field is \
-                         `Name: value`",
-                        show(l)
-                    ));
-                }
-                Some(b':') if name_len == 0 => {
-                    return Err(format!(
-                        "line {n} of the request head {} has an empty header name",
-                        show(l)
-                    ));
-                }
-                Some(b':') => {}
-                Some(&b) => {
-                    let hint = if b == b' ' || b == b'\t' {
-                        ": no whitespace is allowed in a header name or before its colon"
-                    } else if !l.contains(&b':') {
-                        ": the line has no colon either"
-                    } else {
-                        ""
-                    };
-                    return Err(format!(
-                        "invalid byte {} in the header name {} (line {n} of the request \
-                         head){hint}",
-                        byte(b),
-                        show(&l[..=name_len]),
-                    ));
-                }
-            }
-            let value = &l[name_len + 1..];
-            if let Some(pos) = value.iter().position(|&b| !is_value_byte(b)) {
-                return Err(format!(
-                    "invalid byte {} in the value of header {} (line {n} of the request \
-                     head): control characters other than tab are not allowed in header \
-                     values",
-                    byte(value[pos]),
-                    show(name),
-                ));
-            }
-            if !line.complete {
+            let Some(field) = field else {
                 return Ok(None);
-            }
-            let value = trim_ows(value);
-            fields.push((name, value));
+            };
+            fields.push(field);
             if fields.len() > super::request::MAX_HEADERS {
                 return Err(format!(
                     "the request has more than {} header fields",
@@ -364,7 +320,7 @@ impl<'a> Diagnoser<'a> {
     }
 
     /// hyper's checks after a syntactically valid head.
-    fn semantics(&self, version: u8, fields: &[(&[u8], &[u8])]) -> Option<String> {
+    fn semantics(&self, version: u8, fields: &[Field<'_>]) -> Option<String> {
         let target = self.target.as_deref().unwrap_or_default();
         if target.len() > MAX_URI_LEN {
             return Some(generic(414));
@@ -418,6 +374,94 @@ impl<'a> Diagnoser<'a> {
     }
 }
 
+/// One header line: `Ok(Some((name, value)))` when complete and valid, `Ok(None)`
+/// when cut short without a problem so far.
+fn header_line<'a>(n: usize, line: &Line<'a>) -> Result<Option<Field<'a>>, String> {
+    let l = line.bytes;
+    if matches!(l.first(), Some(b' ' | b'\t')) {
+        return Err(format!(
+            "line {n} of the request head {} starts with whitespace: obsolete line folding \
+             is not accepted",
+            show(l)
+        ));
+    }
+    let name_len = l.iter().take_while(|&&b| is_tchar(b)).count();
+    let name = &l[..name_len];
+    match l.get(name_len) {
+        None if !line.complete => return Ok(None),
+        None => {
+            return Err(format!(
+                "line {n} of the request head {} has no colon: a header field is `Name: value`",
+                show(l)
+            ));
+        }
+        Some(b':') if name_len == 0 => {
+            return Err(format!(
+                "line {n} of the request head {} has an empty header name",
+                show(l)
+            ));
+        }
+        Some(b':') => {}
+        Some(&b) => {
+            let hint = if b == b' ' || b == b'\t' {
+                ": no whitespace is allowed in a header name or before its colon"
+            } else if !l.contains(&b':') {
+                ": the line has no colon either"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "invalid byte {} in the header name {} (line {n} of the request head){hint}",
+                byte(b),
+                show(&l[..=name_len]),
+            ));
+        }
+    }
+    let value = &l[name_len + 1..];
+    if let Some(pos) = value.iter().position(|&b| !is_value_byte(b)) {
+        return Err(format!(
+            "invalid byte {} in the value of header {} (line {n} of the request head): control \
+             characters other than tab are not allowed in header values",
+            byte(value[pos]),
+            show(name),
+        ));
+    }
+    if !line.complete {
+        return Ok(None);
+    }
+    Ok(Some((name, trim_ows(value))))
+}
+
+/// The part of `line` before its first bare CR, as a line cut short there, and the
+/// CR's position. A CR that ends a line cut short may be followed by its LF: it is
+/// only dropped.
+fn split_bare_cr<'a>(line: &Line<'a>) -> (Line<'a>, Option<usize>) {
+    let l = line.bytes;
+    match l.iter().position(|&b| b == b'\r') {
+        Some(pos) if !line.complete && pos + 1 == l.len() => (
+            Line {
+                bytes: &l[..pos],
+                complete: false,
+            },
+            None,
+        ),
+        Some(pos) => (
+            Line {
+                bytes: &l[..pos],
+                complete: false,
+            },
+            Some(pos),
+        ),
+        None => (
+            Line {
+                bytes: l,
+                complete: line.complete,
+            },
+            None,
+        ),
+    }
+}
+
 fn content_length_of(value: &[u8]) -> Option<u64> {
     content_length(value)
 }
@@ -461,8 +505,8 @@ mod tests {
 
     fn msg(head: &[u8]) -> String {
         diagnose(head)
-            .unwrap_or_else(|| panic!("no problem found in {}", head.escape_ascii()))
             .message
+            .unwrap_or_else(|| panic!("no problem found in {}", head.escape_ascii()))
     }
 
     #[test]
@@ -470,28 +514,88 @@ mod tests {
         let cases: &[(&[u8], &str)] = &[
             (b"junk junk junk\r\n\r\n", "invalid HTTP version \"junk\""),
             (b"\x16\x03\x01\x02\x00\x01\x00", "TLS handshake"),
-            (b"GET /files?path=a b HTTP/1.1\r\nHost: x\r\n\r\n", "\"/files?path=a b\" contains a raw space"),
+            (
+                b"GET /files?path=a b HTTP/1.1\r\nHost: x\r\n\r\n",
+                "\"/files?path=a b\" contains a raw space",
+            ),
             // hyper-util reads 24 bytes first and hyper rejects them at once.
-            (b"GET /files?path=a b HTTP", "\"/files?path=a b\" contains a raw space"),
-            (b"GET /files?path=a b c HT", "\"/files?path=a b c\" contains a raw space"),
-            (b"GET /files?path=abcdef b", "continues after the request target"),
+            (
+                b"GET /files?path=a b HTTP",
+                "\"/files?path=a b\" contains a raw space",
+            ),
+            (
+                b"GET /files?path=a b c HT",
+                "\"/files?path=a b c\" contains a raw space",
+            ),
+            (
+                b"GET /files?path=abcdef b",
+                "continues after the request target",
+            ),
             (b"GET /a b c d\r\n\r\n", "has 5 space-separated parts"),
-            (b"GET / HTTP/1.1\r\nX-A: a\x01b\r\n\r\n", "invalid byte 0x01 in the value of header \"X-A\""),
-            (b"GET / HTTP/1.1\r\nIf-None-Match: \"a\x7f\"\r\n\r\n", "invalid byte 0x7f in the value of header \"If-None-Match\""),
-            (b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n", "invalid byte ' ' (0x20) in the header name \"Ho \""),
-            (b"GET / HTTP/1.1\r\nX\xffY: z\r\n\r\n", "invalid byte 0xff in the header name"),
+            (
+                b"GET / HTTP/1.1\r\nX-A: a\x01b\r\n\r\n",
+                "invalid byte 0x01 in the value of header \"X-A\"",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nIf-None-Match: \"a\x7f\"\r\n\r\n",
+                "invalid byte 0x7f in the value of header \"If-None-Match\"",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n",
+                "invalid byte ' ' (0x20) in the header name \"Ho \"",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nX\xffY: z\r\n\r\n",
+                "invalid byte 0xff in the header name",
+            ),
             (b"GET / HTTP/1.1\r\nnocolon\r\n\r\n", "has no colon"),
-            (b"GET / HTTP/1.1\r\n folded\r\n\r\n", "obsolete line folding"),
-            (b"GET / HTTP/2.0\r\n\r\n", "unsupported HTTP version \"HTTP/2.0\""),
-            (b"G(T / HTTP/1.1\r\n\r\n", "invalid byte '(' (0x28) in the method"),
+            (
+                b"GET / HTTP/1.1\r\n folded\r\n\r\n",
+                "obsolete line folding",
+            ),
+            (
+                b"GET / HTTP/2.0\r\n\r\n",
+                "unsupported HTTP version \"HTTP/2.0\"",
+            ),
+            (
+                b"G(T / HTTP/1.1\r\n\r\n",
+                "invalid byte '(' (0x28) in the method",
+            ),
             (b"\x00\x01\x02", "does not start with a method"),
-            (b"GET /\x01 HTTP/1.1\r\n\r\n", "invalid byte 0x01 in the request target"),
-            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "conflicting Content-Length headers \"1\" and \"2\""),
-            (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", "invalid Content-Length \"-1\""),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", "unsupported Transfer-Encoding \"gzip\""),
-            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "not allowed in an HTTP/1.0 request"),
-            (b"GET http://[::1 HTTP/1.1\r\n\r\n", "invalid request target"),
+            (
+                b"GET /\x01 HTTP/1.1\r\n\r\n",
+                "invalid byte 0x01 in the request target",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                "conflicting Content-Length headers \"1\" and \"2\"",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                "invalid Content-Length \"-1\"",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+                "unsupported Transfer-Encoding \"gzip\"",
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "not allowed in an HTTP/1.0 request",
+            ),
+            (
+                b"GET http://[::1 HTTP/1.1\r\n\r\n",
+                "invalid request target",
+            ),
             (b"GET / HTTP/1.1\r\nA: b\rc\r\n\r\n", "bare CR"),
+            (
+                b"GET /x\r HTTP/1.1\r\n\r\n",
+                "the request line \"GET /x\\r HTTP/1.1\" contains a bare CR",
+            ),
+            (b"\xa4\xa5\r\xfc", "does not start with a method"),
+            (
+                b"GET / HTTP/1.1\r\nA\x01: b\rc\r\n\r\n",
+                "invalid byte 0x01 in the header name",
+            ),
         ];
         for (head, want) in cases {
             let m = msg(head);
@@ -502,23 +606,38 @@ mod tests {
     #[test]
     fn partial_heads_are_judged_on_what_is_there() {
         assert!(msg(b"GET / HTTP/1.1\r\nX: \x02").contains("0x02"));
-        assert!(diagnose(b"GET / HTTP/1.1\r\nX: fine").is_none());
-        assert!(diagnose(b"GET / HT").is_none());
-        assert!(diagnose(b"GE").is_none());
+        assert!(diagnose(b"GET / HTTP/1.1\r\nX: fine").message.is_none());
+        assert!(diagnose(b"GET / HT").message.is_none());
+        assert!(diagnose(b"GE").message.is_none());
+        // A CR that ends a cut-short line may be followed by its LF.
+        assert!(diagnose(b"GET / HTTP/1.1\r").message.is_none());
+        assert!(msg(b"DELETE /envs ? HTTP/1.1\r").contains("\"/envs ?\" contains a raw space"));
     }
 
     #[test]
     fn valid_heads_have_no_problem() {
-        assert!(diagnose(b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n").is_none());
-        assert!(diagnose(b"\r\nPOST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").is_none());
+        assert!(
+            diagnose(b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n")
+                .message
+                .is_none()
+        );
+        assert!(
+            diagnose(b"\r\nPOST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+                .message
+                .is_none()
+        );
     }
 
     #[test]
     fn target_is_reported() {
-        let d = diagnose(b"POST /process.Process/Start HTTP/1.1\r\nX: \x01\r\n\r\n").unwrap();
+        let d = diagnose(b"POST /process.Process/Start HTTP/1.1\r\nX: \x01\r\n\r\n");
         assert_eq!(d.target.as_deref(), Some("/process.Process/Start"));
-        let d = diagnose(b"GET /files?path=a b HTTP/1.1\r\n\r\n").unwrap();
+        let d = diagnose(b"GET /files?path=a b HTTP/1.1\r\n\r\n");
         assert_eq!(d.target.as_deref(), Some("/files?path=a"));
+        // A head cut short: no problem found, but the target is known.
+        let d = diagnose(b"GET /process.Process/List?aaaaaaaa");
+        assert_eq!(d.message, None);
+        assert_eq!(d.target.as_deref(), Some("/process.Process/List?aaaaaaaa"));
     }
 
     #[test]

@@ -130,9 +130,25 @@ impl<T> Guarded<T> {
             .and_then(|s| StatusCode::from_u16(s).ok())
             .filter(|s| s.is_client_error())
             .unwrap_or(StatusCode::BAD_REQUEST);
-        let diagnosis = self.reader.current_head().and_then(diagnose::diagnose);
+        // A cut head belongs to the rejected request only if hyper did not take it.
+        let cut = self
+            .reader
+            .cut_head()
+            .filter(|_| self.dispatches.lock().count() == self.reader.good_heads());
+        let diagnosis = match (self.reader.current_head(), cut) {
+            (Some(head), _) => Some((diagnose::diagnose(head), true)),
+            // Only the start of a head too long to keep: its target, hyper's reason.
+            (None, Some(start)) => Some((diagnose::diagnose(start), false)),
+            (None, None) => None,
+        };
         let (detail, target) = match &diagnosis {
-            Some(d) => (d.message.clone(), d.target.as_deref()),
+            Some((d, whole)) => (
+                d.message
+                    .clone()
+                    .filter(|_| *whole)
+                    .unwrap_or_else(|| diagnose::generic(status.as_u16())),
+                d.target.as_deref(),
+            ),
             None => (diagnose::generic(status.as_u16()), None),
         };
         let message = match status {
@@ -175,6 +191,15 @@ impl Own {
 }
 
 impl<T: AsyncWrite + Unpin> Guarded<T> {
+    /// Starts writing our response from a write call, once hyper's status line is
+    /// known (hyper writes its head at once; a flush or shutdown builds it regardless).
+    fn push_own_early(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &self.own {
+            Some(own) if own.out.is_some() || own.hyper_head.len() >= 12 => self.push_own(cx),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
     /// Writes our response; `Ready(Ok)` once all of it is out.
     fn push_own(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Some(own) = self.own.as_ref() else {
@@ -199,7 +224,6 @@ impl<T: AsyncWrite + Unpin> Guarded<T> {
         }
         Poll::Ready(Ok(()))
     }
-
 }
 
 impl<T> Guarded<T> {
@@ -216,6 +240,26 @@ impl<T> Guarded<T> {
             left -= take;
         }
         self.writer.prune(&mut log);
+    }
+}
+
+/// At most this much of a rejected request is read and dropped before closing.
+const DRAIN_MAX: usize = 1 << 20;
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Guarded<T> {
+    /// Reads and drops what the client already sent (the rest of a rejected request):
+    /// closing a socket with unread data sends a reset, which can destroy our answer
+    /// before the client has read it.
+    fn drain_received(&mut self, cx: &mut Context<'_>) {
+        let mut buf = [0u8; 8192];
+        let mut drained = 0;
+        while drained < DRAIN_MAX {
+            let mut rb = ReadBuf::new(&mut buf);
+            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => drained += rb.filled().len(),
+                _ => return,
+            }
+        }
     }
 }
 
@@ -239,7 +283,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -249,7 +293,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         if let Some(own) = this.own.as_mut() {
             // hyper's own response: swallowed (nothing follows it).
             own.capture(buf);
-            if let Poll::Ready(Err(e)) = this.push_own(cx) {
+            if let Poll::Ready(Err(e)) = this.push_own_early(cx) {
                 return Poll::Ready(Err(e));
             }
             return Poll::Ready(Ok(buf.len()));
@@ -261,7 +305,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         };
         if limit == 0 && !buf.is_empty() {
             this.begin_own(buf);
-            if let Poll::Ready(Err(e)) = this.push_own(cx) {
+            if let Poll::Ready(Err(e)) = this.push_own_early(cx) {
                 return Poll::Ready(Err(e));
             }
             return Poll::Ready(Ok(buf.len()));
@@ -339,7 +383,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
             Some(own) => own.capture(&rest),
             None => this.begin_own(&rest),
         }
-        if let Poll::Ready(Err(e)) = this.push_own(cx) {
+        if let Poll::Ready(Err(e)) = this.push_own_early(cx) {
             return Poll::Ready(Err(e));
         }
         Poll::Ready(Ok(total))
@@ -358,6 +402,171 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.push_own(cx))?;
+        if this.own.is_some() {
+            this.drain_received(cx);
+        }
         Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A socket that takes at most `max` bytes per write and yields `input` once.
+    struct Mock {
+        input: Vec<u8>,
+        out: Vec<u8>,
+        max: usize,
+    }
+
+    impl AsyncRead for Mock {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = self.input.len().min(buf.remaining());
+            let taken: Vec<u8> = self.input.drain(..n).collect();
+            buf.put_slice(&taken);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Mock {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.max);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.max - n);
+                self.out.extend_from_slice(&b[..take]);
+                n += take;
+                if n == self.max {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn page(bad: &BadRequest<'_>) -> ErrorBody {
+        ErrorBody {
+            content_type: "text/plain",
+            body: format!("{}|{}", bad.target.unwrap_or("-"), bad.message).into_bytes(),
+        }
+    }
+
+    const GOOD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    const HYPER_OWN: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
+        content-length: 0\r\ndate: Thu, 01 Jan 1970 00:00:00 GMT\r\n\r\n";
+
+    /// A connection where one good request is followed by a bad head.
+    async fn guarded(max: usize) -> Guarded<Mock> {
+        let input =
+            b"GET /a HTTP/1.1\r\n\r\nPOST /process.Process/List HTTP/1.1\r\nX: \x01\r\n\r\n";
+        let d = Arc::new(Dispatches::default());
+        let mut g = Guarded::new(
+            Mock {
+                input: input.to_vec(),
+                out: Vec::new(),
+                max,
+            },
+            d.clone(),
+            page,
+        );
+        let mut buf = vec![0u8; 200];
+        let n = g.read(&mut buf).await.expect("read");
+        assert_eq!(n, input.len());
+        d.dispatched(&http::Method::GET, http::Version::HTTP_11);
+        g
+    }
+
+    fn check(out: &[u8]) {
+        let text = String::from_utf8_lossy(out);
+        assert!(out.starts_with(GOOD), "{text}");
+        let ours = &text[GOOD.len()..];
+        assert!(
+            ours.starts_with("HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n"),
+            "{text}"
+        );
+        assert!(ours.contains("connection: close\r\n"), "{text}");
+        assert!(
+            ours.ends_with(
+                "\r\n\r\n/process.Process/List|malformed HTTP request: invalid byte 0x01 in the \
+                 value of header \"X\" (line 2 of the request head): control characters other \
+                 than tab are not allowed in header values"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("content-length: 0"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn replaces_hyper_own_response_after_a_partial_write() {
+        for max in [1, 3, 7, 40, 1000] {
+            let mut g = guarded(max).await;
+            let mut all = GOOD.to_vec();
+            all.extend_from_slice(HYPER_OWN);
+            g.write_all(&all).await.expect("write");
+            g.flush().await.expect("flush");
+            g.shutdown().await.expect("shutdown");
+            check(&g.io.out);
+        }
+    }
+
+    #[tokio::test]
+    async fn replaces_hyper_own_response_in_vectored_writes() {
+        for max in [1, 5, 38, 39, 41, 1000] {
+            let mut g = guarded(max).await;
+            let parts: [&[u8]; 3] = [&GOOD[..GOOD.len() - 2], &GOOD[GOOD.len() - 2..], HYPER_OWN];
+            let mut skip = 0;
+            let total: usize = parts.iter().map(|p| p.len()).sum();
+            while skip < total {
+                let mut slices = Vec::new();
+                let mut at = 0;
+                for p in parts {
+                    if at + p.len() > skip {
+                        slices.push(io::IoSlice::new(&p[skip.saturating_sub(at)..]));
+                    }
+                    at += p.len();
+                }
+                let n = g.write_vectored(&slices).await.expect("write");
+                assert!(n > 0);
+                skip += n;
+            }
+            g.shutdown().await.expect("shutdown");
+            check(&g.io.out);
+        }
+    }
+
+    #[tokio::test]
+    async fn answered_connections_pass_through() {
+        // hyper answered the one request it dispatched: nothing is replaced.
+        let mut g = guarded(7).await;
+        g.write_all(GOOD).await.expect("write");
+        g.shutdown().await.expect("shutdown");
+        assert_eq!(g.io.out, GOOD);
     }
 }

@@ -13,6 +13,9 @@ pub const MAX_HEADERS: usize = 100;
 /// Heads longer than this are not kept (hyper answers 431 past ~400 KiB anyway).
 pub const MAX_HEAD: usize = 64 * 1024;
 
+/// Of a head over [`MAX_HEAD`], this much is kept (the request target is in it).
+const CUT_HEAD_KEEP: usize = 4096;
+
 /// The HTTP/2 connection preface (h2c with prior knowledge).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -58,6 +61,8 @@ pub struct RequestTracker {
     buf: Vec<u8>,
     /// Heads parsed successfully so far (hyper dispatched, or will dispatch, each).
     good_heads: u64,
+    /// The start of a head too long to keep (for its request target).
+    cut_head: Vec<u8>,
 }
 
 impl Default for RequestTracker {
@@ -66,6 +71,7 @@ impl Default for RequestTracker {
             state: State::Start,
             buf: Vec::new(),
             good_heads: 0,
+            cut_head: Vec::new(),
         }
     }
 }
@@ -119,6 +125,12 @@ impl RequestTracker {
             State::Head | State::Bad | State::Start if !self.buf.is_empty() => Some(&self.buf),
             _ => None,
         }
+    }
+
+    /// The first bytes of a head that was too long to keep, when that is where the
+    /// stream stopped being followed.
+    pub fn cut_head(&self) -> Option<&[u8]> {
+        (self.state == State::Lost && !self.cut_head.is_empty()).then_some(&self.cut_head[..])
     }
 
     /// True when a complete head was read that hyper rejects.
@@ -175,9 +187,11 @@ impl RequestTracker {
         self.buf.extend_from_slice(&data[..take]);
         if find_head_end(&self.buf, before.saturating_sub(3)).is_none() {
             if take < data.len() || self.buf.len() >= MAX_HEAD {
-                // Too long to keep: hyper will answer 431 (or accept it; either way
-                // this connection is no longer followed).
-                self.buf = Vec::new();
+                // Too long to keep: hyper will answer 414 or 431 (or accept it; either
+                // way this connection is no longer followed). The start is kept for the
+                // request target.
+                self.buf.truncate(CUT_HEAD_KEEP);
+                self.cut_head = std::mem::take(&mut self.buf);
                 self.state = State::Lost;
                 return &[];
             }
@@ -199,7 +213,8 @@ impl RequestTracker {
                 }
             }
             Parsed::Partial if take < data.len() => {
-                self.buf = Vec::new();
+                self.buf.truncate(CUT_HEAD_KEEP);
+                self.cut_head = std::mem::take(&mut self.buf);
                 self.state = State::Lost;
                 &[]
             }
@@ -236,10 +251,9 @@ impl RequestTracker {
         let next = match (c, b) {
             (Chunk::Size(size), b) if b.is_ascii_hexdigit() => {
                 let digit = u64::from((b as char).to_digit(16).unwrap_or(0));
-                match size.checked_mul(16).and_then(|s| s.checked_add(digit)) {
-                    Some(s) => Some(Chunk::Size(s)),
-                    None => None,
-                }
+                size.checked_mul(16)
+                    .and_then(|s| s.checked_add(digit))
+                    .map(Chunk::Size)
             }
             (Chunk::Size(s) | Chunk::SizeLws(s), b' ' | b'\t') => Some(Chunk::SizeLws(s)),
             (Chunk::Size(s) | Chunk::SizeLws(s), b';') => Some(Chunk::Ext(s)),
@@ -372,7 +386,10 @@ mod tests {
             let t = fed(&[&stream[..split], &stream[split..]]);
             assert!(t.saw_bad_head(), "split {split}");
             assert_eq!(t.good_heads(), 3, "split {split}");
-            assert!(t.current_head().unwrap().starts_with(b"GET /d"), "split {split}");
+            assert!(
+                t.current_head().unwrap().starts_with(b"GET /d"),
+                "split {split}"
+            );
         }
         // Byte by byte.
         let mut t = RequestTracker::default();
@@ -432,7 +449,9 @@ mod tests {
     fn malformed_chunks_stop_following() {
         let t = fed(&[b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2x\r\n"]);
         assert!(!t.is_following());
-        let t = fed(&[b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\n"]);
+        let t = fed(&[
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\n",
+        ]);
         assert!(!t.is_following());
     }
 
@@ -444,5 +463,7 @@ mod tests {
         t.feed(&big);
         assert!(!t.is_following());
         assert!(t.current_head().is_none());
+        assert_eq!(t.cut_head().map(<[u8]>::len), Some(CUT_HEAD_KEEP));
+        assert!(t.cut_head().unwrap().starts_with(b"GET / HTTP/1.1\r\naaa"));
     }
 }

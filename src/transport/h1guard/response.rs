@@ -66,7 +66,9 @@ enum Chunk {
     /// The CRLF after a chunk's data, up to its `\n`.
     DataEnd,
     /// A trailer line (or the final empty line) after the last chunk.
-    Trailer { empty: bool },
+    Trailer {
+        empty: bool,
+    },
 }
 
 /// Where the response stream of one connection is. `Copy`, so a write can be looked
@@ -128,7 +130,9 @@ impl ResponseTracker {
                     self.head_byte(b, log);
                 }
                 State::Body(left) => {
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(data.len() - i);
+                    let n = usize::try_from(left)
+                        .unwrap_or(usize::MAX)
+                        .min(data.len() - i);
                     i += n;
                     let left = left - n as u64;
                     if left == 0 {
@@ -182,7 +186,10 @@ impl ResponseTracker {
             self.end_head(log);
             return;
         } else if let Some(v) = header_value(line, b"content-length") {
-            match std::str::from_utf8(v).ok().and_then(|v| v.trim().parse().ok()) {
+            match std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+            {
                 Some(n) if !self.line_overflow => self.content_length = Some(n),
                 _ => self.state = State::Off,
             }
@@ -252,7 +259,8 @@ impl ResponseTracker {
                     b'\n' if size == 0 => State::Chunked(Chunk::Trailer { empty: true }),
                     b'\n' => State::Chunked(Chunk::Data(size)),
                     _ => match (b as char).to_digit(16) {
-                        Some(d) => match size.checked_mul(16).and_then(|s| s.checked_add(d.into())) {
+                        Some(d) => match size.checked_mul(16).and_then(|s| s.checked_add(d.into()))
+                        {
                             Some(s) => State::Chunked(Chunk::Size(s)),
                             None => State::Off,
                         },
@@ -340,7 +348,11 @@ mod tests {
         let mut stream = responses.to_vec();
         stream.extend_from_slice(OWN);
         for step in [1, 2, 3, 7, 64, stream.len()] {
-            assert_eq!(own_at(&stream, &l, step), Some(responses.len()), "step {step}");
+            assert_eq!(
+                own_at(&stream, &l, step),
+                Some(responses.len()),
+                "step {step}"
+            );
         }
         // One request fewer answered: no response of hyper's own.
         let l = log(&[false, false, false, true, false]);

@@ -662,6 +662,23 @@ async fn malformed_heads_get_an_error_naming_the_problem_on_both_ports() {
         w.await.expect("worker");
     }
     eprintln!("{total} malformed requests answered");
+
+    // Malformed chunked bodies on the code-interpreter port: 400 naming the framing.
+    for (name, body, word) in bad_chunked_bodies() {
+        for route in ["/execute", "/contexts"] {
+            let req = chunked_request("POST", route, "Content-Type: application/json\r\n", &body);
+            let raw = exchange(code_port, &[req], Duration::ZERO).await;
+            let resps = parse_responses(&raw);
+            let ctx = format!("{name} on {route}: {:?}", String::from_utf8_lossy(&raw));
+            assert_eq!(resps.len(), 1, "{ctx}");
+            assert_eq!(resps[0].status, 400, "{ctx}");
+            let text = String::from_utf8_lossy(&resps[0].body);
+            assert!(
+                text.contains("malformed chunked request body") && text.contains(word),
+                "{ctx}"
+            );
+        }
+    }
     assert!(g.is_alive(), "guestd died; log:\n{}", g.log_text());
     assert_eq!(get_status(port, "/health").await, 204);
     assert_eq!(get_status(code_port, "/health").await, 200);

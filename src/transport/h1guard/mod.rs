@@ -298,6 +298,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
             }
             return Poll::Ready(Ok(buf.len()));
         }
+        if this.writer.inside_body(buf.len()) {
+            // The common case of a large body: no boundary can be in these bytes.
+            let n = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
+            this.writer.advance_body(n);
+            return Poll::Ready(Ok(n));
+        }
         let limit = {
             let log = this.dispatches.lock();
             let mut probe = this.writer;
@@ -330,6 +336,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.own.is_none() && this.writer.inside_body(total) {
+            let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
+            this.writer.advance_body(n);
+            return Poll::Ready(Ok(n));
+        }
         let limit = if this.own.is_some() {
             0
         } else {

@@ -230,6 +230,29 @@ impl ResponseTracker {
         self.state = State::Boundary;
     }
 
+    /// True when the next `n` bytes are all inside the current body and do not reach
+    /// its end (or nothing is followed): they need no look at the dispatch log.
+    pub fn inside_body(&self, n: usize) -> bool {
+        let n = n as u64;
+        match self.state {
+            State::Body(left) | State::Chunked(Chunk::Data(left)) => n < left,
+            State::Off => true,
+            _ => false,
+        }
+    }
+
+    /// Follows `n` bytes for which [`ResponseTracker::inside_body`] was true.
+    pub fn advance_body(&mut self, n: usize) {
+        let n = n as u64;
+        match self.state {
+            State::Body(left) => self.state = State::Body(left - n.min(left)),
+            State::Chunked(Chunk::Data(left)) => {
+                self.state = State::Chunked(Chunk::Data(left - n.min(left)));
+            }
+            _ => {}
+        }
+    }
+
     /// Answered responses, for [`DispatchLog::prune`] after a committed write.
     pub fn prune(&self, log: &mut DispatchLog) {
         log.prune(self.answered);
@@ -357,6 +380,22 @@ mod tests {
         // One request fewer answered: no response of hyper's own.
         let l = log(&[false, false, false, true, false]);
         assert_eq!(own_at(&stream, &l, 5), None);
+    }
+
+    #[test]
+    fn body_bytes_need_no_log() {
+        let l = log(&[false]);
+        let mut t = ResponseTracker::default();
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n";
+        assert!(!t.inside_body(1));
+        assert_eq!(t.feed(head, &l), head.len());
+        assert!(t.inside_body(9));
+        assert!(!t.inside_body(10));
+        t.advance_body(9);
+        assert!(!t.inside_body(1));
+        assert_eq!(t.feed(b"x", &l), 1);
+        assert!(t.idle(&l));
+        assert_eq!(t.feed(OWN, &l), 0);
     }
 
     #[test]

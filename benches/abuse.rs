@@ -84,7 +84,12 @@ async fn idle_polling(base: &str, user: &str, secs: u64) -> Storm {
 
 fn row(name: &str, s: &Storm) {
     let health: Vec<Duration> = s.health.iter().flatten().copied().collect();
-    let starts: Vec<Duration> = s.starts.iter().filter_map(|r| r.as_ref().ok()).copied().collect();
+    let starts: Vec<Duration> = s
+        .starts
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .copied()
+        .collect();
     println!(
         "| {name} | {} / {} | {:.1} | {:.1} | {:.1} | {} / {} | {:.0} | {:.0} |",
         health.len(),

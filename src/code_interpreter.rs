@@ -36,11 +36,16 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const MAX_REQUEST_BYTES: usize = 64 << 20;
 
 /// The request handler of the code-interpreter listener.
+/// Requests hyper rejects before routing get the JSON error shape
+/// `{"code":<status>,"message"}`.
 pub fn handler(mgr: Arc<KernelManager>) -> Handler {
-    Arc::new(move |req: Request<Incoming>| {
-        let mgr = mgr.clone();
-        Box::pin(async move { route(mgr, req).await })
-    })
+    Handler::new(
+        move |req: Request<Incoming>| {
+            let mgr = mgr.clone();
+            Box::pin(async move { route(mgr, req).await })
+        },
+        crate::server::rest_error_page,
+    )
 }
 
 async fn route(mgr: Arc<KernelManager>, req: Request<Incoming>) -> Response<Body> {
@@ -145,6 +150,7 @@ fn error_response(e: &KernelError) -> Response<Body> {
     let status = match e.kind() {
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
         ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     };
     if status.is_server_error() {
@@ -172,7 +178,10 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reject> {
         }
         Err(e) => Err(Box::new(text_response(
             StatusCode::BAD_REQUEST,
-            format!("Cannot read request body: {e}"),
+            format!(
+                "Cannot read request body: {}",
+                crate::transport::body::BodyFault::classify(&*e)
+            ),
         ))),
     }
 }

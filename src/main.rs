@@ -29,7 +29,17 @@ fn main() -> anyhow::Result<()> {
             guestd::sys::priority::own_nice()
         ),
     }
-    let config = Config::from(&cli);
+    let nofile = raise_nofile_limit();
+    let mut config = Config::from(&cli);
+    // User commands get the open-file limit guestd was started with: programs that
+    // use select(2) break with a soft limit over 1024.
+    if let Some((soft, hard)) = nofile {
+        config.child_rlimits.push(guestd::sys::launch::Rlimit {
+            resource: libc::RLIMIT_NOFILE as u32,
+            soft,
+            hard,
+        });
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("guestd")
@@ -55,5 +65,34 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Before any thread or descriptor exists: the soft open-file limit goes up to the hard
+/// one (every connection, watch, pipe and kernel socket is a descriptor).
+/// Returns the limit guestd started with (soft, hard) when it raised it.
+fn raise_nofile_limit() -> Option<(u64, u64)> {
+    match guestd::sys::limits::raise_nofile_limit() {
+        Ok(l) if l.soft_before < l.soft => {
+            tracing::info!(
+                soft_before = l.soft_before,
+                soft = l.soft,
+                hard = l.hard,
+                "raised the open-file limit (RLIMIT_NOFILE) to the hard limit"
+            );
+            Some((l.soft_before, l.hard))
+        }
+        Ok(l) => {
+            tracing::info!(
+                soft = l.soft,
+                hard = l.hard,
+                "open-file limit (RLIMIT_NOFILE) already at the hard limit"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)");
+            None
+        }
     }
 }

@@ -29,9 +29,17 @@ async fn init_inner(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
     {
         Ok(b) => b.to_bytes(),
         Err(e) => {
+            let why = if e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                format!("the body exceeds the limit of {MAX_INIT_BODY} bytes")
+            } else {
+                crate::transport::body::BodyFault::classify(&*e).to_string()
+            };
             return plain(
                 StatusCode::BAD_REQUEST,
-                format!("cannot read the /init body: {e}\n"),
+                format!("cannot read the /init body: {why}\n"),
             );
         }
     };

@@ -56,6 +56,7 @@ pub async fn route(
 /// | `FailedPrecondition` | `failed_precondition` |
 /// | `PermissionDenied` | `permission_denied` (the kernel refused even root: read-only mount, `/proc`, immutable file) |
 /// | `InsufficientStorage` | `internal` (contract: other failures are `internal`; the SDK would call `resource_exhausted` rate limiting) |
+/// | `ResourceExhausted` | `resource_exhausted` (the agent is out of descriptors or memory: retrying later may work) |
 /// | `Internal` | `internal` (also inotify watch/instance limits and queue overflows) |
 pub fn rpc_error(e: FsError) -> RpcError {
     let code = match e.class() {
@@ -64,6 +65,7 @@ pub fn rpc_error(e: FsError) -> RpcError {
         ErrorClass::InvalidArgument => Code::InvalidArgument,
         ErrorClass::FailedPrecondition => Code::FailedPrecondition,
         ErrorClass::PermissionDenied => Code::PermissionDenied,
+        ErrorClass::ResourceExhausted => Code::ResourceExhausted,
         ErrorClass::InsufficientStorage | ErrorClass::Internal => Code::Internal,
     };
     RpcError::new(code, e.to_string())

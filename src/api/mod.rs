@@ -140,26 +140,66 @@ impl Agent {
     }
 }
 
-/// Unknown users are `unauthenticated` (contract §2.2).
+/// Unknown users are `unauthenticated` (contract §2.2). A lookup that failed for lack
+/// of descriptors or memory is `resource_exhausted` (the user may well exist; retrying
+/// later may work), any other lookup failure `internal`; both keep the errno.
 pub fn user_error(e: UserError) -> RpcError {
-    RpcError::new(crate::transport::Code::Unauthenticated, e.to_string())
+    use crate::transport::Code;
+    let code = match &e {
+        UserError::Unknown(_) => Code::Unauthenticated,
+        e if e.is_resource_exhaustion() => Code::ResourceExhausted,
+        UserError::Lookup { .. } => Code::Internal,
+    };
+    RpcError::new(code, e.to_string())
 }
 
 /// The request handler of the agent port.
 pub fn handler(agent: Arc<Agent>) -> Handler {
-    Arc::new(move |req: Request<Incoming>| {
-        let agent = agent.clone();
-        Box::pin(async move {
-            let origin_request = req.method() == Method::OPTIONS;
-            let mut resp = if origin_request {
-                preflight(&req)
-            } else {
-                authorized_route(agent, req).await
-            };
-            add_cors_headers(&mut resp);
-            resp
-        })
-    })
+    Handler::new(
+        move |req: Request<Incoming>| {
+            let agent = agent.clone();
+            Box::pin(async move {
+                let origin_request = req.method() == Method::OPTIONS;
+                let mut resp = if origin_request {
+                    preflight(&req)
+                } else {
+                    authorized_route(agent, req).await
+                };
+                add_cors_headers(&mut resp);
+                resp
+            })
+        },
+        bad_request_page,
+    )
+}
+
+/// The error body for a request hyper rejected before routing: a Connect error on the
+/// RPC paths (`invalid_argument` for 400, `resource_exhausted` for 414/431), the REST
+/// JSON shape `{"code":<status>,"message"}` elsewhere (also when the request line
+/// could not be read).
+pub fn bad_request_page(
+    bad: &crate::transport::h1guard::BadRequest<'_>,
+) -> crate::transport::h1guard::ErrorBody {
+    let path = bad.target.map(|t| match t.parse::<http::Uri>() {
+        Ok(u) => u.path().to_string(),
+        Err(_) => t.to_string(),
+    });
+    let rpc = path.as_deref().is_some_and(|p| {
+        p.starts_with("/process.Process/") || p.starts_with("/filesystem.Filesystem/")
+    });
+    if !rpc {
+        return crate::server::rest_error_page(bad);
+    }
+    let code = if bad.status == StatusCode::BAD_REQUEST {
+        crate::transport::Code::InvalidArgument
+    } else {
+        crate::transport::Code::ResourceExhausted
+    };
+    let body = RpcError::new(code, bad.message).to_connect_json();
+    crate::transport::h1guard::ErrorBody {
+        content_type: "application/json",
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+    }
 }
 
 /// Routes that do not need `X-Access-Token` (contract §2.1): `/health`, and `/files`

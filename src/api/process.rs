@@ -47,6 +47,13 @@ impl From<ProcessError> for RpcError {
             | ProcessError::Spawn(_)
             | ProcessError::TooLarge(_) => Code::InvalidArgument,
             ProcessError::ResourceExhausted(_) => Code::ResourceExhausted,
+            // Out of descriptors or memory while writing input or signalling: not the
+            // caller's fault; the errno is in the message.
+            ProcessError::Io(io) | ProcessError::Signal(io)
+                if crate::sys::limits::is_resource_exhaustion(io) =>
+            {
+                Code::ResourceExhausted
+            }
             ProcessError::CloseStdinOnPty => Code::Unknown,
             _ => Code::Internal,
         };

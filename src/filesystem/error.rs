@@ -18,6 +18,7 @@ use std::sync::Arc;
 /// | `FailedPrecondition` | `failed_precondition` | 400 |
 /// | `PermissionDenied` | `permission_denied` (or `internal`, contract §1.8) | 403 (or 500) |
 /// | `InsufficientStorage` | `internal` (contract 4.4 "other → internal"; `resource_exhausted` is the newer-reference choice) | 507 |
+/// | `ResourceExhausted` | `resource_exhausted` (the agent ran out of descriptors, memory, …) | 503 |
 /// | `Internal` | `internal` | 500 |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -27,6 +28,9 @@ pub enum ErrorClass {
     FailedPrecondition,
     PermissionDenied,
     InsufficientStorage,
+    /// EMFILE, ENFILE, ENOMEM, EAGAIN, ENOBUFS ([`crate::sys::limits`]): not the
+    /// client's fault, and retrying later may work.
+    ResourceExhausted,
     Internal,
 }
 
@@ -126,6 +130,9 @@ impl FsError {
             FsError::SymlinkLoop { .. } => ErrorClass::FailedPrecondition,
             FsError::PermissionDenied { .. } => ErrorClass::PermissionDenied,
             FsError::NoSpace { .. } => ErrorClass::InsufficientStorage,
+            FsError::Io { source, .. } if crate::sys::limits::is_resource_exhaustion(source) => {
+                ErrorClass::ResourceExhausted
+            }
             FsError::WatchLimit { .. }
             | FsError::InstanceLimit { .. }
             | FsError::QueueOverflow(_)
@@ -247,6 +254,17 @@ mod tests {
         );
         assert_eq!(e.class(), ErrorClass::PermissionDenied);
         assert!(e.to_string().contains("Read-only file system"), "{e}");
+
+        let e = FsError::io(
+            "cannot open",
+            Path::new("/many"),
+            io::Error::from_raw_os_error(libc::EMFILE),
+        );
+        assert_eq!(e.class(), ErrorClass::ResourceExhausted);
+        assert_eq!(
+            e.to_string(),
+            "cannot open /many: Too many open files (os error 24)"
+        );
 
         let e = FsError::WatchLimit {
             path: "/w".into(),

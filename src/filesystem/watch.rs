@@ -191,15 +191,28 @@ fn add_watch_error(path: &Path, e: Errno) -> FsError {
     }
 }
 
-/// Maps an `inotify_init1` failure.
+/// Maps an `inotify_init1` failure. EMFILE means either the per-user instance limit or
+/// the agent's own descriptor limit: the latter is resource exhaustion with its errno.
 fn init_error(path: &Path, e: Errno) -> FsError {
     match e {
-        Errno::EMFILE => FsError::InstanceLimit {
+        Errno::EMFILE if !out_of_descriptors() => FsError::InstanceLimit {
             path: path.to_path_buf(),
             limit: read_sysctl(PROC_INSTANCES),
         },
         _ => FsError::io("cannot create an inotify instance to watch", path, e.into()),
     }
+}
+
+/// True when this process cannot open one more descriptor (RLIMIT_NOFILE reached).
+fn out_of_descriptors() -> bool {
+    matches!(
+        nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty()
+        ),
+        Err(Errno::EMFILE)
+    )
 }
 
 fn overflow_error(root: &Path) -> FsError {

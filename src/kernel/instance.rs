@@ -240,20 +240,20 @@ impl Kernel {
             }
             Err(e) => return Err(KernelError::Cwd(p.cwd.display().to_string(), e.to_string())),
         }
-        let ports = free_ports().map_err(|e| fail(format!("cannot allocate ports: {e}")))?;
+        let ports = free_ports().map_err(|e| KernelError::start_io("cannot allocate ports", &e))?;
         let key = format!(
             "{}{}",
             uuid::Uuid::new_v4().simple(),
             uuid::Uuid::new_v4().simple()
         );
-        let dir = runtime_dir().map_err(|e| fail(format!("no runtime directory: {e}")))?;
+        let dir = runtime_dir().map_err(|e| KernelError::start_io("no runtime directory", &e))?;
         let conn_file = dir.join(format!(
             "kernel-{}-{}.json",
             p.label,
             uuid::Uuid::new_v4().simple()
         ));
         write_connection_file(&conn_file, &ports, &key, &p.spec.name)
-            .map_err(|e| fail(format!("cannot write connection file: {e}")))?;
+            .map_err(|e| KernelError::start_io("cannot write connection file", &e))?;
         // From here on, the file is removed by Kernel's drop (or below on early failure).
         let argv = p.spec.command_line(&conn_file);
         // Kernels run user code: like user commands they join their own leaf of the user
@@ -267,11 +267,15 @@ impl Kernel {
             }
         });
         let launched = match kernel_command(&p, &argv, leaf.as_deref()) {
-            Ok((cmd, out_r, err_r)) => launch::launch(cmd)
-                .await
-                .map(|l| (l, out_r, err_r))
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+            Ok((cmd, out_r, err_r)) => match launch::launch(cmd).await {
+                Ok(l) => Ok((l, out_r, err_r)),
+                Err(launch::LaunchError::Failed { stage, source }) => Err(KernelError::start_io(
+                    &format!("cannot run {} ({stage})", argv[0]),
+                    &source,
+                )),
+                Err(e) => Err(KernelError::Start(format!("cannot run {}: {e}", argv[0]))),
+            },
+            Err(e) => Err(KernelError::Start(format!("cannot run {}: {e}", argv[0]))),
         };
         let (launched, out_r, err_r) = match launched {
             Ok(x) => x,
@@ -280,7 +284,7 @@ impl Kernel {
                 if let Some(l) = &leaf {
                     l.remove();
                 }
-                return Err(fail(format!("cannot run {}: {e}", argv[0])));
+                return Err(e);
             }
         };
         let waiter = launched.waiter;
@@ -345,6 +349,10 @@ impl Kernel {
         let sockets = tokio::select! {
             r = timeout(READY_TIMEOUT, connect) => match r {
                 Ok(Ok(s)) => s,
+                Ok(Err(zeromq::ZmqError::Network(e))) => {
+                    kernel_partial.kill();
+                    return Err(KernelError::start_io("cannot connect to the kernel", &e));
+                }
                 Ok(Err(e)) => {
                     kernel_partial.kill();
                     return Err(fail(format!("cannot connect to the kernel: {e}")));

@@ -46,6 +46,10 @@ pub enum KernelError {
     Cwd(String, String),
     #[error("Failed to create context: {0}")]
     Start(String),
+    /// Starting a kernel ran out of descriptors, memory or processes (the errno is in
+    /// the text): 503, not 500, since retrying later may work.
+    #[error("Failed to create context: out of resources: {0}")]
+    Exhausted(String),
     #[error("kernel channel error: {0}")]
     Channel(String),
     #[error("Failed to restart context {0}: {1}")]
@@ -61,6 +65,8 @@ pub enum ErrorKind {
     NotFound,
     /// The request itself is invalid (400).
     BadRequest,
+    /// The agent is out of a resource (503).
+    Unavailable,
     /// The server failed (500).
     Internal,
 }
@@ -70,7 +76,19 @@ impl KernelError {
         match self {
             KernelError::NotFound(_) => ErrorKind::NotFound,
             KernelError::BothTargets | KernelError::InvalidEnv(_) => ErrorKind::BadRequest,
+            KernelError::Exhausted(_) => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
+        }
+    }
+
+    /// A kernel start step that failed with `e`: [`KernelError::Exhausted`] when the
+    /// errno says the agent ran out of a resource, else [`KernelError::Start`].
+    pub(crate) fn start_io(what: &str, e: &std::io::Error) -> KernelError {
+        let detail = format!("{what}: {e}");
+        if crate::sys::limits::is_resource_exhaustion(e) {
+            KernelError::Exhausted(detail)
+        } else {
+            KernelError::Start(detail)
         }
     }
 }

@@ -25,7 +25,7 @@ pub enum ProcessError {
     /// (the message names the culprit and the limit).
     #[error("failed to start process: {0}")]
     TooLarge(String),
-    /// `resource_exhausted`: EAGAIN/ENOMEM/EMFILE/ENFILE/ENOSPC while spawning.
+    /// `resource_exhausted`: EAGAIN/ENOMEM/EMFILE/ENFILE/ENOBUFS/ENOSPC while spawning.
     #[error("failed to start process, out of resources: {0}")]
     ResourceExhausted(#[source] io::Error),
     /// `internal`.
@@ -62,13 +62,11 @@ impl ProcessError {
     }
 }
 
-/// EAGAIN, ENOMEM, EMFILE, ENFILE and ENOSPC: the machine (or a limit) is out of
-/// something; retrying later may work.
+/// The errnos of [`crate::sys::limits::is_resource_exhaustion`] (EAGAIN, ENOMEM,
+/// EMFILE, ENFILE, ENOBUFS, …) and ENOSPC (no PTY left): the machine (or a limit) is out
+/// of something; retrying later may work.
 pub(crate) fn is_resource_exhaustion(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE | libc::ENOSPC)
-    )
+    crate::sys::limits::is_resource_exhaustion(err) || err.raw_os_error() == Some(libc::ENOSPC)
 }
 
 /// Returned by [`super::Subscription::next`].

@@ -20,14 +20,42 @@ pub struct User {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
+    /// The name is not in the database (the API answers `unauthenticated` / 401).
     #[error("invalid username: '{0}'")]
     Unknown(String),
+    /// The lookup itself failed (the errno is in the message). Running out of
+    /// descriptors or memory ([`UserError::is_resource_exhaustion`]) is not an
+    /// authentication failure: the API answers `resource_exhausted` / 503 then.
     #[error("error looking up user '{name}': {source}")]
     Lookup {
         name: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+impl UserError {
+    /// The lookup failed for lack of a resource (EMFILE, ENFILE, ENOMEM, …): the user
+    /// may well exist, and retrying later may work.
+    pub fn is_resource_exhaustion(&self) -> bool {
+        match self {
+            UserError::Unknown(_) => false,
+            UserError::Lookup { source, .. } => crate::sys::limits::is_resource_exhaustion(source),
+        }
+    }
+
+    fn lookup(name: &str, e: nix::errno::Errno) -> UserError {
+        match e {
+            // getpwnam_r(3): ENOENT and ESRCH also mean "the name was not found".
+            nix::errno::Errno::ENOENT | nix::errno::Errno::ESRCH => {
+                UserError::Unknown(name.to_string())
+            }
+            e => UserError::Lookup {
+                name: name.to_string(),
+                source: std::io::Error::from(e),
+            },
+        }
+    }
 }
 
 /// Looks users up by name, and names up by id.
@@ -51,12 +79,7 @@ impl UserDb for SystemUsers {
         let pw = match nix::unistd::User::from_name(name) {
             Ok(Some(pw)) => pw,
             Ok(None) => return Err(UserError::Unknown(name.to_string())),
-            Err(e) => {
-                return Err(UserError::Lookup {
-                    name: name.to_string(),
-                    source: std::io::Error::from(e),
-                });
-            }
+            Err(e) => return Err(UserError::lookup(name, e)),
         };
         let gid = pw.gid.as_raw();
         let mut groups = vec![gid];
@@ -70,12 +93,7 @@ impl UserDb for SystemUsers {
                     }
                 }
             }
-            Err(e) => {
-                return Err(UserError::Lookup {
-                    name: name.to_string(),
-                    source: std::io::Error::from(e),
-                });
-            }
+            Err(e) => return Err(UserError::lookup(name, e)),
         }
         Ok(User {
             name: pw.name,
@@ -121,6 +139,22 @@ mod tests {
             .user_by_name("no-such-user-guestd")
             .expect_err("must not exist");
         assert_eq!(err.to_string(), "invalid username: 'no-such-user-guestd'");
+    }
+
+    #[test]
+    fn lookup_errors_are_classified() {
+        let e = UserError::lookup("user", nix::errno::Errno::EMFILE);
+        assert!(e.is_resource_exhaustion());
+        assert_eq!(
+            e.to_string(),
+            "error looking up user 'user': Too many open files (os error 24)"
+        );
+        assert!(!UserError::lookup("user", nix::errno::Errno::EIO).is_resource_exhaustion());
+        assert!(matches!(
+            UserError::lookup("ghost", nix::errno::Errno::ENOENT),
+            UserError::Unknown(_)
+        ));
+        assert!(!UserError::Unknown("x".into()).is_resource_exhaustion());
     }
 
     #[test]

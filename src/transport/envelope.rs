@@ -39,7 +39,7 @@ pub struct EnvelopeReader<B> {
 impl<B> EnvelopeReader<B>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
+    B::Error: std::error::Error + 'static,
 {
     pub fn new(body: B, max_message_bytes: usize) -> Self {
         EnvelopeReader {
@@ -84,12 +84,7 @@ where
                         self.buf.extend_from_slice(&data);
                     }
                 }
-                Some(Err(e)) => {
-                    return Err(RpcError::new(
-                        Code::Canceled,
-                        format!("reading the request body failed: {e}"),
-                    ));
-                }
+                Some(Err(e)) => return Err(super::rpc::body_read_error(&e)),
                 None => self.done = true,
             }
         }

@@ -2,8 +2,10 @@
 //! calls for the API layer; nothing below `api` sees HTTP.
 
 pub mod auth;
+pub mod body;
 pub mod envelope;
 pub mod error;
+pub mod h1guard;
 pub mod rpc;
 
 use bytes::Bytes;

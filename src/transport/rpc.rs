@@ -393,13 +393,22 @@ async fn read_limited(body: hyper::body::Incoming, max: usize) -> Result<Bytes, 
                     format!("request message exceeds the limit of {max} bytes"),
                 ))
             } else {
-                Err(RpcError::new(
-                    Code::Canceled,
-                    format!("reading the request body failed: {e}"),
-                ))
+                Err(body_read_error(&*e))
             }
         }
     }
+}
+
+/// A failed request-body read: a malformed body is the client's error
+/// (`invalid_argument`, 400); a connection that ended early is `canceled`.
+pub(crate) fn body_read_error(e: &(dyn std::error::Error + 'static)) -> RpcError {
+    let fault = super::body::BodyFault::classify(e);
+    let code = if fault.is_malformed() {
+        Code::InvalidArgument
+    } else {
+        Code::Canceled
+    };
+    RpcError::new(code, fault.message())
 }
 
 fn gunzip(raw: &[u8], max: usize) -> Result<Bytes, RpcError> {

@@ -19,9 +19,10 @@ pub enum BodyError {
     /// No data for the idle timeout.
     #[error("the upload stalled: no data received for {} s", .0.as_secs())]
     Stalled(Duration),
-    /// The connection failed or the client went away mid-body.
-    #[error("reading the request body failed: {0}")]
-    Read(#[source] hyper::Error),
+    /// The body is malformed (bad chunked framing), or the connection failed or the
+    /// client went away mid-body; the message says which.
+    #[error("{0}")]
+    Read(crate::transport::body::BodyFault),
     /// `Content-Encoding: gzip` but the data is not valid gzip.
     #[error("invalid gzip-encoded body: {0}")]
     Gzip(#[source] std::io::Error),
@@ -44,7 +45,11 @@ impl Raw {
                     self.done = true;
                     return Ok(None);
                 }
-                Ok(Some(Err(e))) => return Err(BodyError::Read(e)),
+                Ok(Some(Err(e))) => {
+                    return Err(BodyError::Read(
+                        crate::transport::body::BodyFault::classify(&e),
+                    ));
+                }
                 Ok(Some(Ok(f))) => f,
             };
             if let Ok(data) = frame.into_data()

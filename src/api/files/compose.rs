@@ -44,7 +44,18 @@ async fn handle(agent: &Arc<Agent>, req: Request<Incoming>) -> Result<Composed, 
     let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| FilesError::bad_request(format!("cannot read the request body: {e}")))?
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                FilesError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body exceeds the limit of {MAX_BODY} bytes"),
+                )
+            } else {
+                FilesError::bad_request(crate::transport::body::BodyFault::classify(&*e).message())
+            }
+        })?
         .to_bytes();
     let r: ComposeRequest = serde_json::from_slice(&body)
         .map_err(|e| FilesError::bad_request(format!("invalid JSON body: {e}")))?;

@@ -93,6 +93,10 @@ pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // Out of descriptors or memory: worth retrying shortly.
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     resp
 }
 
@@ -105,6 +109,7 @@ pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
 /// | `InvalidArgument`, `FailedPrecondition` | 400 |
 /// | `PermissionDenied` | 403 (the kernel refused even root: read-only mount, `/proc`, immutable file) |
 /// | `InsufficientStorage` | 507 |
+/// | `ResourceExhausted` | 503 with `Retry-After` (EMFILE, ENFILE, ENOMEM, …) |
 /// | `Internal` | 500 |
 impl From<FsError> for FilesError {
     fn from(e: FsError) -> Self {
@@ -114,6 +119,7 @@ impl From<FsError> for FilesError {
             ErrorClass::InvalidArgument | ErrorClass::FailedPrecondition => StatusCode::BAD_REQUEST,
             ErrorClass::PermissionDenied => StatusCode::FORBIDDEN,
             ErrorClass::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+            ErrorClass::ResourceExhausted => StatusCode::SERVICE_UNAVAILABLE,
             ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         FilesError::new(status, e.to_string())
@@ -178,17 +184,21 @@ impl FilesQuery {
 }
 
 /// The user of a `/files` request: the `username` parameter (absent or empty → the
-/// default user). Unknown → 401 "error looking up user '<u>': …".
+/// default user). Unknown → 401 "error looking up user '<u>': …"; a lookup that ran out
+/// of descriptors or memory → 503, any other lookup failure → 500 (with the errno).
 pub fn lookup_user(agent: &Agent, username: Option<&str>) -> Result<User, FilesError> {
     let name = match username {
         Some(u) if !u.is_empty() => u.to_string(),
         _ => agent.defaults().user,
     };
-    agent.users.user_by_name(&name).map_err(|e| {
-        FilesError::unauthorized(match e {
-            UserError::Unknown(n) => format!("error looking up user '{n}': unknown user {n}"),
-            other @ UserError::Lookup { .. } => other.to_string(),
-        })
+    agent.users.user_by_name(&name).map_err(|e| match e {
+        UserError::Unknown(n) => {
+            FilesError::unauthorized(format!("error looking up user '{n}': unknown user {n}"))
+        }
+        e if e.is_resource_exhaustion() => {
+            FilesError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        e => FilesError::internal(e.to_string()),
     })
 }
 

@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     // User commands get the open-file limit guestd was started with: programs that
     // use select(2) break with a soft limit over 1024.
     if let Some((soft, hard)) = nofile {
+        #[allow(clippy::unnecessary_cast)] // a c_int on musl, a c_uint on glibc
         config.child_rlimits.push(guestd::sys::launch::Rlimit {
             resource: libc::RLIMIT_NOFILE as u32,
             soft,

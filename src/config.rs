@@ -380,7 +380,7 @@ mod tests {
         let err = |args: &[&str]| {
             let mut argv = vec!["guestd"];
             argv.extend_from_slice(args);
-            Cli::parse_envd_style(argv).err().expect("refused")
+            Cli::parse_envd_style(argv).expect_err("refused")
         };
         match err(&["-verbos"]) {
             CliError::Flags(e) => {

@@ -32,6 +32,16 @@ nproc=$(hard -u "$(cat /proc/sys/kernel/pid_max)")
 run=(podman run -d --name "$NAME" --network slirp4netns
      --ulimit "nofile=$nofile:$nofile" --ulimit "nproc=$nproc:$nproc"
      -p 127.0.0.1:49983:49983 -p 127.0.0.1:49999:49999 -p 127.0.0.1::49990)
+# User code in the suite installs packages from the registries (pip, Deno's npm:
+# imports). Where this machine reaches them only through a CA of its own (an
+# intercepting proxy), the container gets this machine's CA bundle as its system bundle
+# for the run, read-only, as a sandbox gets its network's CA from the control plane;
+# the image itself keeps Debian's (tests/container/test_image.py).
+settings=$work/settings
+packaging/template/host-settings.sh "$settings" >/dev/null
+if [ -f "$settings/hostca" ]; then
+  run+=(-v "$settings/hostca:/etc/ssl/certs/ca-certificates.crt:ro")
+fi
 case $MODE in
   entrypoint)
     mapfile -t args < <("$VENV/bin/python" -c '

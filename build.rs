@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    source_commit();
     let protos = ["proto/process.proto", "proto/filesystem.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
@@ -46,4 +47,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .out_dir(&client_out)
         .compile_fds(fds)?;
     Ok(())
+}
+
+/// `GUESTD_COMMIT` for `guestd -commit`: the variable when the build sets it (a build
+/// outside a git checkout), else `git rev-parse HEAD`, else `unknown`. Rebuilds when
+/// the checkout's HEAD moves.
+#[allow(clippy::disallowed_methods)] // the build script, not the agent: no reaper here
+fn source_commit() {
+    println!("cargo:rerun-if-env-changed=GUESTD_COMMIT");
+    let git = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git").args(args).output().ok()?;
+        let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+        (out.status.success() && !s.is_empty()).then_some(s)
+    };
+    let commit = match std::env::var("GUESTD_COMMIT") {
+        Ok(c) if !c.is_empty() => c,
+        _ => git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into()),
+    };
+    // HEAD itself, the branch it points at, and packed refs (where a ref may live).
+    let mut watched = vec![git(&["rev-parse", "--git-path", "HEAD"])];
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        watched.push(git(&["rev-parse", "--git-path", &branch]));
+        watched.push(git(&["rev-parse", "--git-common-dir"]).map(|d| format!("{d}/packed-refs")));
+    }
+    for path in watched.into_iter().flatten() {
+        if std::path::Path::new(&path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    println!("cargo:rustc-env=GUESTD_COMMIT={commit}");
 }

@@ -4,7 +4,11 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, ValueEnum};
+
+use crate::sys::users::{UserDb, UserError};
+
+pub mod goflags;
 
 /// The envd release whose behaviour guestd implements and reports (contract §6.6):
 /// high enough to enable every current SDK feature (≥ 0.6.4), and not higher, so SDK
@@ -14,6 +18,14 @@ pub const ENVD_COMPAT_VERSION: &str = "0.6.13";
 /// guestd's own version.
 pub const GUESTD_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The source commit guestd was built from (`build.rs`: `$GUESTD_COMMIT`, else
+/// `git rev-parse HEAD`, else `unknown`), printed by `-commit` as the reference does.
+pub const GUESTD_COMMIT: &str = env!("GUESTD_COMMIT");
+
+/// The reference agent's built-in default user, used when the configured one does not
+/// exist on this machine.
+pub const FALLBACK_USER: &str = "root";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Human,
@@ -22,14 +34,30 @@ pub enum LogFormat {
 
 /// guestd: the guest agent of a sandbox VM (E2B envd-compatible API on --port, the
 /// code-interpreter kernel bridge on --code-port).
+///
+/// Flags are read the way the reference agent (Go's `flag` package) reads them: one or
+/// two dashes, `-flag=value` or `-flag value`; flag parsing stops at the first
+/// argument that is not a flag.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "guestd", disable_version_flag = true)]
 pub struct Cli {
-    /// Print the envd-compatible version on the first line and guestd's own version on
-    /// the second, then exit. (`-version`, as the reference agent spells it, prints
-    /// only the envd-compatible version.)
-    #[arg(long = "version", short = 'V')]
+    /// Print the envd-compatible version and exit (what the reference's `-version`
+    /// prints, which control planes parse).
+    #[arg(long = "version")]
     pub version: bool,
+
+    /// Print the source commit and exit.
+    #[arg(long)]
+    pub commit: bool,
+
+    /// Print the envd-compatible version, then guestd's own version, and exit.
+    #[arg(long = "guestd-version", short = 'V')]
+    pub guestd_version: bool,
+
+    /// Accepted for the reference's command line (it then also logs to stdout);
+    /// guestd always writes its log to stderr.
+    #[arg(long)]
+    pub verbose: bool,
 
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0", env = "GUESTD_LISTEN")]
@@ -169,6 +197,54 @@ pub struct Cli {
     pub init_paths_root: Option<PathBuf>,
 }
 
+/// The command line could not be read.
+#[derive(Debug)]
+pub enum CliError {
+    /// Go's `flag` package would refuse it (undefined flag, missing value, bad syntax).
+    Flags(goflags::FlagError),
+    /// clap refused a value, or asked for `--help` (print it and exit with its code).
+    Clap(clap::Error),
+}
+
+impl Cli {
+    /// Parses a command line (program name first) spelled as the reference agent's
+    /// (see [`goflags`]), then with clap. Also returns the arguments after the flags,
+    /// which the reference ignores (the caller should warn about them).
+    pub fn parse_envd_style<I>(args: I) -> Result<(Cli, Vec<std::ffi::OsString>), CliError>
+    where
+        I: IntoIterator,
+        I::Item: Into<std::ffi::OsString>,
+    {
+        let mut cmd = Cli::command();
+        let n = goflags::normalize(&cmd, args).map_err(CliError::Flags)?;
+        let mut matches = cmd
+            .try_get_matches_from_mut(n.args)
+            .map_err(CliError::Clap)?;
+        let cli = Cli::from_arg_matches_mut(&mut matches)
+            .map_err(|e| CliError::Clap(e.format(&mut cmd)))?;
+        Ok((cli, n.ignored))
+    }
+}
+
+/// The default user guestd starts with: the configured one if it exists, else the
+/// reference's `root`, with a warning to log (an image without the configured account
+/// must still serve, as the reference does, whose default is `root`).
+pub fn effective_default_user(configured: &str, users: &dyn UserDb) -> (String, Option<String>) {
+    match users.user_by_name(configured) {
+        Ok(_) => (configured.to_string(), None),
+        Err(UserError::Unknown(_)) if configured != FALLBACK_USER => (
+            FALLBACK_USER.to_string(),
+            Some(format!(
+                "default user '{configured}' does not exist; using '{FALLBACK_USER}' until /init names another"
+            )),
+        ),
+        Err(e) => (
+            configured.to_string(),
+            Some(format!("default user '{configured}': {e}")),
+        ),
+    }
+}
+
 /// The resolved configuration of one guestd instance.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -257,4 +333,181 @@ fn init_paths(c: &Cli) -> crate::init::InitPaths {
     }
     p.trust_file = c.init_trust_file.clone();
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::users::User;
+
+    fn parse(args: &[&str]) -> Cli {
+        let mut argv = vec!["guestd"];
+        argv.extend_from_slice(args);
+        match Cli::parse_envd_style(argv) {
+            Ok((cli, ignored)) => {
+                assert!(ignored.is_empty(), "{ignored:?}");
+                cli
+            }
+            Err(CliError::Flags(e)) => panic!("{args:?}: {e}"),
+            Err(CliError::Clap(e)) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn the_reference_flags_reach_the_config() {
+        for argv in [
+            &[
+                "-port",
+                "4000",
+                "-isnotfc",
+                "-verbose",
+                "-cgroup-root",
+                "/cg",
+                "-no-cgroups",
+            ][..],
+            &[
+                "--port=4000",
+                "--isnotfc",
+                "--verbose",
+                "--cgroup-root=/cg",
+                "--no-cgroups",
+            ],
+            &[
+                "--port",
+                "4000",
+                "-isnotfc=true",
+                "--verbose=1",
+                "-cgroup-root=/cg",
+                "--no-cgroups=T",
+            ],
+        ] {
+            let cli = parse(argv);
+            assert_eq!(cli.port, 4000, "{argv:?}");
+            assert!(cli.not_in_vm && cli.verbose && cli.no_cgroups, "{argv:?}");
+            assert_eq!(
+                cli.cgroup_root.as_deref(),
+                Some(std::path::Path::new("/cg"))
+            );
+            let config = Config::from(&cli);
+            assert!(!config.in_vm && !config.cgroups);
+        }
+        let cli = parse(&["-isnotfc=false", "-port=0xC33F"]);
+        assert!(!cli.not_in_vm);
+        assert_eq!(cli.port, 49983);
+    }
+
+    #[test]
+    fn version_and_commit_flags() {
+        for v in ["-version", "--version", "-version=true", "--version=1"] {
+            let cli = parse(&[v]);
+            assert!(cli.version && !cli.guestd_version, "{v}");
+        }
+        assert!(!parse(&["-version=false"]).version);
+        assert!(parse(&["-commit"]).commit && parse(&["--commit"]).commit);
+        assert!(parse(&["-V"]).guestd_version);
+        assert!(parse(&["--guestd-version"]).guestd_version);
+        assert!(!GUESTD_COMMIT.is_empty());
+    }
+
+    #[test]
+    fn guestds_own_flags_keep_working() {
+        let cli = parse(&[
+            "--listen",
+            "127.0.0.1",
+            "--default-user",
+            "root",
+            "--no-code-interpreter",
+            "--log-format",
+            "json",
+            "--kernelspec-dir",
+            "/a",
+            "--kernelspec-dir=/b",
+        ]);
+        assert_eq!(cli.default_user, "root");
+        assert!(cli.no_code_interpreter);
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert_eq!(cli.kernelspec_dirs.len(), 2);
+        // And their single-dash spellings.
+        let cli = parse(&["-default-user", "x", "-user-pids-max=7"]);
+        assert_eq!(
+            (cli.default_user.as_str(), cli.user_pids_max),
+            ("x", Some(7))
+        );
+    }
+
+    #[test]
+    fn bad_command_lines_are_refused() {
+        let err = |args: &[&str]| {
+            let mut argv = vec!["guestd"];
+            argv.extend_from_slice(args);
+            Cli::parse_envd_style(argv).expect_err("refused")
+        };
+        match err(&["-verbos"]) {
+            CliError::Flags(e) => {
+                assert_eq!(e.to_string(), "flag provided but not defined: -verbos")
+            }
+            CliError::Clap(e) => panic!("{e}"),
+        }
+        // A value clap refuses (out of u16) names the flag.
+        match err(&["-port", "70000"]) {
+            CliError::Clap(e) => assert!(e.to_string().contains("--port"), "{e}"),
+            CliError::Flags(e) => panic!("{e}"),
+        }
+        match err(&["-h"]) {
+            CliError::Clap(e) => assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp),
+            CliError::Flags(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn trailing_arguments_are_returned_as_ignored() {
+        let (cli, ignored) = Cli::parse_envd_style(["guestd", "-isnotfc", "extra", "-port", "1"])
+            .ok()
+            .unwrap();
+        assert!(cli.not_in_vm);
+        assert_eq!(cli.port, 49983);
+        assert_eq!(ignored, ["extra", "-port", "1"]);
+    }
+
+    struct Table(&'static [&'static str]);
+    impl UserDb for Table {
+        fn user_by_name(&self, name: &str) -> Result<User, UserError> {
+            if !self.0.contains(&name) {
+                return Err(UserError::Unknown(name.into()));
+            }
+            Ok(User {
+                name: name.into(),
+                uid: 1000,
+                gid: 1000,
+                groups: vec![1000],
+                home: "/home/x".into(),
+                shell: "/bin/sh".into(),
+            })
+        }
+        fn user_name(&self, _: u32) -> Option<String> {
+            None
+        }
+        fn group_name(&self, _: u32) -> Option<String> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_missing_default_user_falls_back_to_root_with_a_warning() {
+        let db = Table(&["root", "user"]);
+        assert_eq!(effective_default_user("user", &db), ("user".into(), None));
+        let (user, warning) = effective_default_user("user", &Table(&["root"]));
+        assert_eq!(user, "root");
+        assert_eq!(
+            warning.as_deref(),
+            Some("default user 'user' does not exist; using 'root' until /init names another")
+        );
+        // Without even root there is nothing better to choose: keep it and say so.
+        let (user, warning) = effective_default_user("root", &Table(&[]));
+        assert_eq!(user, "root");
+        assert_eq!(
+            warning.as_deref(),
+            Some("default user 'root': invalid username: 'root'")
+        );
+    }
 }

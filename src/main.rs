@@ -1,18 +1,32 @@
 //! The guestd binary: flags, logging, runtime, then `guestd::app::run`.
 
 use anyhow::Context as _;
-use clap::Parser as _;
-use guestd::config::{Cli, Config, ENVD_COMPAT_VERSION, GUESTD_VERSION, LogFormat};
+use guestd::config::{
+    Cli, CliError, Config, ENVD_COMPAT_VERSION, GUESTD_COMMIT, GUESTD_VERSION, LogFormat,
+};
+use guestd::sys::users::SystemUsers;
 
 fn main() -> anyhow::Result<()> {
-    // The reference agent's `-version` (single dash): a control plane runs it at
-    // template build time and parses the bare version.
-    if std::env::args().nth(1).as_deref() == Some("-version") {
+    // The reference agent's command line, in any spelling Go's `flag` package accepts
+    // (`-isnotfc`, `--port=49983`, `-port 49983`...): see `config::goflags`.
+    let (cli, ignored) = match Cli::parse_envd_style(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(CliError::Clap(e)) => e.exit(),
+        Err(CliError::Flags(e)) => {
+            eprintln!("guestd: {e}\nRun 'guestd --help' to list the flags.");
+            std::process::exit(2);
+        }
+    };
+    // Like the reference: `-version` first, then `-commit`, each alone on stdout.
+    if cli.version {
         println!("{ENVD_COMPAT_VERSION}");
         return Ok(());
     }
-    let cli = Cli::parse();
-    if cli.version {
+    if cli.commit {
+        println!("{GUESTD_COMMIT}");
+        return Ok(());
+    }
+    if cli.guestd_version {
         println!("{ENVD_COMPAT_VERSION}");
         println!("guestd {GUESTD_VERSION}");
         return Ok(());
@@ -30,7 +44,19 @@ fn main() -> anyhow::Result<()> {
         ),
     }
     let nofile = raise_nofile_limit();
+    if !ignored.is_empty() {
+        tracing::warn!(
+            ignored = ?ignored,
+            "ignoring arguments after the flags (flag parsing stops at the first non-flag argument, as the reference agent's does)"
+        );
+    }
     let mut config = Config::from(&cli);
+    let (user, warning) =
+        guestd::config::effective_default_user(&config.default_user, &SystemUsers);
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    config.default_user = user;
     // User commands get the open-file limit guestd was started with: programs that
     // use select(2) break with a soft limit over 1024.
     if let Some((soft, hard)) = nofile {

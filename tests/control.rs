@@ -511,23 +511,6 @@ async fn metrics_json_and_prometheus() {
 }
 
 #[tokio::test]
-async fn version_flags() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
-        .arg("-version")
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), "0.6.13\n");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
-        .arg("--version")
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap(),
-        format!("0.6.13\nguestd {}\n", env!("CARGO_PKG_VERSION"))
-    );
-}
-
-#[tokio::test]
 async fn loopback_listeners_are_forwarded_to_external_addresses() {
     let _serial = FORWARDING.lock().await;
     let ext = guestd::portfwd::external_addresses()

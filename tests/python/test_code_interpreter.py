@@ -18,6 +18,8 @@ from e2b_code_interpreter import Sandbox  # noqa: E402
 from e2b_code_interpreter.charts import ChartType  # noqa: E402
 from e2b.exceptions import SandboxException, TimeoutException  # noqa: E402
 
+from conftest import Guest  # noqa: E402
+
 CODE_PORT = 49999
 
 
@@ -270,7 +272,7 @@ def test_contexts_create_list_restart_remove(sandbox):
     assert listed[-1].id == ctx.id
     languages = {c.language for c in listed}
     assert "python" in languages
-    if os.path.exists("/opt/guestd/python/share/jupyter/kernels/deno/kernel.json"):
+    if Guest.exists("/opt/guestd/python/share/jupyter/kernels/deno/kernel.json"):
         assert "javascript" in languages, "default JavaScript context"
     assert sandbox.run_code("import os; os.getcwd()", context=ctx).text == "/tmp"
     sandbox.run_code("kept = 1", context=ctx)

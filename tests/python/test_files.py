@@ -4,7 +4,6 @@ import asyncio
 import hashlib
 import io
 import os
-import subprocess
 import time
 import uuid
 
@@ -24,7 +23,7 @@ from e2b import (
 from e2b.envd.versions import ENVD_DEBUG_FALLBACK
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 
-from conftest import REPO, wait_port
+from conftest import second_guestd
 
 HOME = "/home/user"
 
@@ -262,30 +261,10 @@ def test_upload_and_download_urls_without_a_token(sandbox, workdir):
 
 @pytest.fixture
 def secured(tmp_path):
-    """A second guestd on a free port with an access token set through /init, and a
-    Sandbox object that holds the token (as one from the control plane would)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    binary = os.environ.get("GUESTD_BIN") or str(REPO / "target" / "release" / "guestd")
-    log = tmp_path / "guestd.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                binary,
-                "--listen", "127.0.0.1",
-                "--port", str(port),
-                "--default-user", "user",
-                "--no-code-interpreter",
-                "--no-port-forward",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=out,
-        )
-    try:
-        wait_port(port, 20, proc, log)
+    """A second guestd (where guestd runs) with an access token set through /init, and
+    a Sandbox object that holds the token (as one from the control plane would)."""
+    args = ["--default-user", "user", "--no-code-interpreter", "--no-port-forward"]
+    with second_guestd(args, tmp_path) as port:
         token = uuid.uuid4().hex
         r = httpx.post(f"http://127.0.0.1:{port}/init", json={"accessToken": token})
         assert r.status_code == 204, r.text
@@ -302,12 +281,6 @@ def secured(tmp_path):
             connection_config=config,
         )
         yield sbx, port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_signed_urls(secured):

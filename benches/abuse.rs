@@ -1,6 +1,6 @@
 //! Latency of the agent while user code abuses the machine (issue 8, item 4): a fork
 //! bomb, a CPU hog on every core and a memory hog at once, as a non-root user, with
-//! guestd's default limits (machine-sized pids and memory, a tenth of the CPU weight).
+//! guestd's default limits (machine-sized pids and memory, default CPU weight, a tenth of the I/O weight).
 //!
 //! The floor is the same polling (`/health` every ~100 ms, `Start(/bin/true)` every
 //! fifth poll) against the same guestd while nothing else runs, measured first in the

@@ -164,8 +164,9 @@ pub struct Cli {
     pub user_memory_max: Option<u64>,
 
     /// CPU weight of the user cgroup on cgroup v2's 1..10000 scale (everything else has
-    /// 100; v1 `cpu.shares` get weight × 1024 / 100).
-    #[arg(long, default_value_t = crate::sys::cgroup::USER_WEIGHT)]
+    /// 100; v1 `cpu.shares` get weight × 1024 / 100). The agent's priority comes from
+    /// `--agent-nice`; a lower weight throttles user code whenever the agent is busy.
+    #[arg(long, default_value_t = crate::sys::cgroup::USER_CPU_WEIGHT)]
     pub user_cpu_weight: u64,
 
     /// guestd's own nice value (applied at start where permitted; user processes and

@@ -371,7 +371,7 @@ async fn fork_bomb_cpu_and_memory_hogs_at_once_leave_the_agent_serving() {
     for d in &cg.dirs {
         let shares = d.join("user/cpu.shares");
         if shares.exists() {
-            assert_eq!(std::fs::read_to_string(shares).unwrap().trim(), "102");
+            assert_eq!(std::fs::read_to_string(shares).unwrap().trim(), "1024");
         }
         let pids = d.join("user/pids.max");
         if pids.exists() {

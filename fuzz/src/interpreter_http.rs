@@ -271,7 +271,7 @@ pub fn run(data: &[u8]) {
     req.extend_from_slice(b"\r\n");
     req.extend_from_slice(&body);
     let h = manager_handler();
-    let Some(resp) = exchange(req, move |r| h(r)) else {
+    let Some(resp) = exchange(req, move |r| h.call(r)) else {
         return;
     };
     if resp.status == 400 && resp.header("content-type").is_none() && resp.body.is_empty() {

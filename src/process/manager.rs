@@ -732,36 +732,48 @@ async fn read_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; cap];
-    loop {
-        let r = tokio::select! {
+    'wait: loop {
+        let mut guard = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
-            r = read_chunk(&fd, &mut buf) => r,
+            g = fd.readable() => match g {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!(pid, ?kind, error = %e, "error polling process output");
+                    break;
+                }
+            },
         };
-        match r {
-            Ok(0) => break,
-            // Each chunk gets its own exact-size copy: the buffer is reused, and the
-            // ring accounts for chunk lengths, not capacities.
-            Ok(n) => hub.publish(kind, Bytes::copy_from_slice(&buf[..n])).await,
-            Err(e) if kind == OutputKind::Pty && e.raw_os_error() == Some(libc::EIO) => break,
-            Err(e) => {
-                tracing::warn!(pid, ?kind, error = %e, "error reading process output");
-                break;
+        // Read until the pipe is empty (each read is its own chunk), then wake the
+        // subscribers once for the whole burst.
+        loop {
+            if *stop.borrow() {
+                break 'wait;
+            }
+            let r = guard.try_io(|inner| {
+                nix::unistd::read(inner.get_ref(), &mut buf).map_err(io::Error::from)
+            });
+            match r {
+                Ok(Ok(0)) => break 'wait,
+                // Each chunk gets its own exact-size copy: the buffer is reused, and the
+                // log accounts for chunk lengths, not capacities.
+                Ok(Ok(n)) => hub.append(kind, Bytes::copy_from_slice(&buf[..n])).await,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) if kind == OutputKind::Pty && e.raw_os_error() == Some(libc::EIO) => {
+                    break 'wait;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(pid, ?kind, error = %e, "error reading process output");
+                    break 'wait;
+                }
+                Err(_would_block) => {
+                    hub.flush();
+                    continue 'wait;
+                }
             }
         }
     }
-}
-
-async fn read_chunk(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        let mut guard = fd.readable().await?;
-        match guard.try_io(|inner| nix::unistd::read(inner.get_ref(), buf).map_err(io::Error::from))
-        {
-            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Ok(r) => return r,
-            Err(_would_block) => {}
-        }
-    }
+    hub.flush();
 }
 
 async fn write_all(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> {

@@ -21,6 +21,10 @@
 //!   about [`OutputPolicy::replay_budget`] (never below 64 KiB each). Subscribing takes the
 //!   cursor under the same lock a publish holds while appending, so a chunk is either
 //!   replayed or delivered live, never both, never neither.
+//! * **Batched wakeups.** The reader drains the pipe and appends each read as a chunk,
+//!   then flushes once ([`Hub::flush`]); subscribers are woken per flush (or every
+//!   128 KiB), so a burst of reads reaches a client as one socket write, not one per
+//!   4 KiB read.
 //!
 //! Memory per process: at most `max(replay cap, subscriber buffer)` plus one chunk;
 //! chunks are shared `Bytes` with their own exact-size allocation.
@@ -38,6 +42,10 @@ use super::{Event, ExitInfo, OutputKind};
 
 /// The smallest replay share a live process keeps, however many processes run.
 const MIN_REPLAY_SHARE: usize = 64 * 1024;
+
+/// Appended bytes that wake the subscribers even before the reader drains the pipe (a
+/// writer faster than guestd never lets the pipe run dry).
+const FLUSH_BYTES: usize = 128 * 1024;
 
 /// Output byte counts per stream (for logs).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +205,8 @@ struct HubState {
     publisher_waiting: bool,
     /// Pacing is off until `reads` moves past this (a stall timeout expired).
     stalled_at: Option<u64>,
+    /// Bytes appended since subscribers were last woken.
+    unflushed: usize,
 }
 
 /// The output fan-out of one process.
@@ -290,17 +300,29 @@ impl Hub {
         }
     }
 
-    /// Publishes one chunk. Returns when the chunk is in the log (after pacing: see the
-    /// module docs).
+    /// Publishes one chunk and wakes the subscribers. Returns when the chunk is in the
+    /// log (after pacing: see the module docs).
+    #[cfg(test)]
     pub(crate) async fn publish(&self, kind: OutputKind, data: Bytes) {
+        self.append(kind, data).await;
+        self.flush();
+    }
+
+    /// Appends one chunk without waking the subscribers unless [`FLUSH_BYTES`] have
+    /// piled up since the last [`Hub::flush`]: the reader drains a pipe as a batch and
+    /// flushes once, so a burst of reads reaches a client as one socket write. Returns
+    /// when the chunk is in the log (after pacing: see the module docs).
+    pub(crate) async fn append(&self, kind: OutputKind, data: Bytes) {
         if data.is_empty() {
             return;
         }
         let _turn = self.publish_turn.lock().await;
         self.pace().await;
+        let len = data.len();
+        let mut wake;
         {
             let mut st = self.lock();
-            st.counts.add(kind, data.len() as u64);
+            st.counts.add(kind, len as u64);
             st.log.push(kind, data);
             let next = st.log.next_offset();
             let buffer = self.policy.subscriber_buffer;
@@ -321,6 +343,7 @@ impl Hub {
                     true
                 }
             });
+            wake = !lagged.is_empty();
             if !lagged.is_empty() {
                 tracing::warn!(
                     pid = self.pid.load(Ordering::Relaxed),
@@ -331,8 +354,24 @@ impl Hub {
                 st.dropped.extend(lagged);
             }
             self.trim(&mut st);
+            st.unflushed += len;
+            if st.unflushed >= FLUSH_BYTES {
+                st.unflushed = 0;
+                wake = true;
+            }
         }
-        self.data_ready.notify_waiters();
+        if wake {
+            self.data_ready.notify_waiters();
+        }
+    }
+
+    /// Wakes subscribers waiting for output appended since the last flush. The reader
+    /// calls it when the pipe is drained, and pacing before the process waits.
+    pub(crate) fn flush(&self) {
+        let pending = std::mem::take(&mut self.lock().unflushed);
+        if pending > 0 {
+            self.data_ready.notify_waiters();
+        }
     }
 
     /// Keeps what attached subscribers have not read and the replay cap, nothing more.
@@ -354,16 +393,17 @@ impl Hub {
     /// `stall_timeout` without progress (and does not wait again until someone reads).
     async fn pace(&self) {
         loop {
+            if !self.must_wait() {
+                return;
+            }
+            // Subscribers must see everything published before the process waits for them.
+            self.flush();
             let notified = self.progress.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let reads_before = {
                 let mut st = self.lock();
-                let next = st.log.next_offset();
-                let closest = st.subs.iter().map(|s| next - s.cursor).min();
-                let must_wait = closest.is_some_and(|lag| lag >= self.policy.pace_bytes as u64)
-                    && st.stalled_at != Some(st.reads);
-                if !must_wait {
+                if !self.must_wait_locked(&st) {
                     st.publisher_waiting = false;
                     return;
                 }
@@ -389,11 +429,28 @@ impl Hub {
         }
     }
 
+    fn must_wait(&self) -> bool {
+        let st = self.lock();
+        self.must_wait_locked(&st)
+    }
+
+    /// Every subscriber is a pace window behind, and no stall suspended pacing.
+    fn must_wait_locked(&self, st: &HubState) -> bool {
+        let next = st.log.next_offset();
+        let closest = st.subs.iter().map(|s| next - s.cursor).min();
+        closest.is_some_and(|lag| lag >= self.policy.pace_bytes as u64)
+            && st.stalled_at != Some(st.reads)
+    }
+
     /// Publishes the End after all data (callers stop the readers first). Later
     /// subscribers get it straight away.
     pub(crate) async fn finish(&self, info: ExitInfo) {
         let _turn = self.publish_turn.lock().await;
-        self.lock().end = Some(info);
+        {
+            let mut st = self.lock();
+            st.end = Some(info);
+            st.unflushed = 0;
+        }
         if !self.finished.swap(true, Ordering::SeqCst) {
             self.policy.live.fetch_sub(1, Ordering::Relaxed);
         }
@@ -421,7 +478,11 @@ impl Hub {
                 s.cursor = new_cursor;
             }
             st.reads += 1;
-            if st.publisher_waiting {
+            // Wake a waiting publisher only once this reader is half a window behind,
+            // so it appends a batch per wakeup instead of ping-ponging chunk by chunk.
+            if st.publisher_waiting
+                && st.log.next_offset() - new_cursor <= (self.policy.pace_bytes / 2) as u64
+            {
                 self.progress.notify_one();
             }
             return Some(Ok(Event::Data(kind, data)));
@@ -521,22 +582,36 @@ impl Subscription {
             }
         };
         loop {
+            // Fast path first: a subscriber that has data never registers for a wakeup
+            // (a registered waiter would be woken by every publish).
+            if let Some(ev) = hub.poll_next(id, self.offset) {
+                return Some(self.take(ev, &hub, id));
+            }
             let notified = hub.data_ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(ev) = hub.poll_next(id, self.offset) {
-                match &ev {
-                    Ok(Event::Data(_, data)) => self.offset += data.len() as u64,
-                    Ok(Event::End(_)) | Err(_) => {
-                        self.done = true;
-                        hub.detach(id);
-                        self.source = Source::Gone;
-                    }
-                }
-                return Some(ev);
+                return Some(self.take(ev, &hub, id));
             }
             notified.await;
         }
+    }
+
+    fn take(
+        &mut self,
+        ev: Result<Event, SubscriptionError>,
+        hub: &Hub,
+        id: u64,
+    ) -> Result<Event, SubscriptionError> {
+        match &ev {
+            Ok(Event::Data(_, data)) => self.offset += data.len() as u64,
+            Ok(Event::End(_)) | Err(_) => {
+                self.done = true;
+                hub.detach(id);
+                self.source = Source::Gone;
+            }
+        }
+        ev
     }
 }
 
@@ -747,5 +822,51 @@ mod tests {
         assert_eq!(s.replay_offset(), Some(42));
         assert!(matches!(s.next().await, Some(Ok(Event::End(_)))));
         assert_eq!(s.next().await, None);
+    }
+}
+
+#[cfg(test)]
+mod throughput {
+    use super::*;
+
+    /// Hub-only throughput (run by hand: `cargo test --release --lib hub_throughput --
+    /// --ignored --nocapture`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn hub_throughput() {
+        let p = OutputPolicy::new(
+            1 << 20,
+            64 << 20,
+            256 << 10,
+            4 << 20,
+            Duration::from_millis(100),
+        );
+        let hub = Arc::new(Hub::new(p));
+        let mut sub = hub.subscribe(1, None);
+        let chunk = Bytes::from(vec![7u8; 32 * 1024]);
+        let n = 32 * 1024; // 1 GiB
+        let t = std::time::Instant::now();
+        let publisher = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                for _ in 0..n {
+                    hub.publish(OutputKind::Stdout, Bytes::copy_from_slice(&chunk))
+                        .await;
+                }
+                hub.finish(ExitInfo::from_status(
+                    std::os::unix::process::ExitStatusExt::from_raw(0),
+                ))
+                .await;
+            })
+        };
+        let mut got = 0usize;
+        while let Some(Ok(ev)) = sub.next().await {
+            if let Event::Data(_, d) = ev {
+                got += d.len();
+            }
+        }
+        publisher.await.unwrap();
+        let s = t.elapsed().as_secs_f64();
+        println!("hub: {} MB/s", got as f64 / s / 1e6);
     }
 }

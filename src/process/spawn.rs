@@ -45,6 +45,9 @@ pub(crate) enum ParentIo {
     },
 }
 
+/// Capacity asked for the stdout pipe.
+const STDOUT_PIPE_BYTES: libc::c_int = 256 * 1024;
+
 /// Starts the child described by `plan`. Returns once the child has exec'd (or failed
 /// to exec and is reporting it like a shell), or with the setup failure.
 pub(crate) async fn spawn(
@@ -76,6 +79,10 @@ pub(crate) async fn spawn(
             };
             let (out_r, out_w) = pipe().map_err(|e| setup_error("stdout pipe", e))?;
             let (err_r, err_w) = pipe().map_err(|e| setup_error("stderr pipe", e))?;
+            // A deeper stdout pipe lets a chatty child run ahead of guestd's 32 KiB
+            // reads instead of blocking every 64 KiB (best effort; the pages are the
+            // writer's, charged to its cgroup).
+            let _ = fcntl(&out_r, FcntlArg::F_SETPIPE_SZ(STDOUT_PIPE_BYTES));
             let stdout = async_fd(out_r).map_err(|e| setup_error("stdout pipe", e))?;
             let stderr = async_fd(err_r).map_err(|e| setup_error("stderr pipe", e))?;
             (

@@ -53,10 +53,17 @@ pub struct Limits {
     pub io_weight: Option<u64>,
 }
 
-/// Default CPU and I/O weight of the user group: a tenth of everything else's, so the
-/// agent (in its own group or the root group, with default or higher weight) is served
-/// first however many processes user code starts.
-pub const USER_WEIGHT: u64 = 10;
+/// Default CPU weight of the user group: the default (100). The agent's own priority
+/// (`--agent-nice`, −10) already serves it first however many processes user code
+/// starts (benches/abuse.rs: /health p99 1.1 ms under a fork bomb and CPU hogs at
+/// weight 100, 3.4 ms at 10); a lower group weight only slowed user code whenever the
+/// agent was busy streaming its output (1 GiB of stdout took 2.3-3.5 s at 10, 1.1 s
+/// at 100: D12).
+pub const USER_CPU_WEIGHT: u64 = 100;
+
+/// Default I/O weight of the user group: a tenth of everything else's, so a disk filler
+/// does not hold up the agent's own reads and writes.
+pub const USER_IO_WEIGHT: u64 = 10;
 
 /// Memory figures from `/proc/meminfo`, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,7 +107,7 @@ impl Limits {
     /// * pids: 1024 per CPU (at least 1024, at most 16384), but no more than one per MiB
     ///   of memory (never under 1024): enough for builds and browsers, few enough that a
     ///   fork bomb fills it before it floods the scheduler.
-    /// * CPU and I/O weight: [`USER_WEIGHT`].
+    /// * CPU weight [`USER_CPU_WEIGHT`], I/O weight [`USER_IO_WEIGHT`].
     pub fn for_machine(mem: Option<MemInfo>, cpus: u64) -> Limits {
         let memory_max = mem.map(|m| {
             let headroom = (m.total / 16).clamp(64 << 20, 512 << 20);
@@ -111,8 +118,8 @@ impl Limits {
         Limits {
             pids_max: Some(by_cpu.min(by_mem)),
             memory_max,
-            cpu_weight: Some(USER_WEIGHT),
-            io_weight: Some(USER_WEIGHT),
+            cpu_weight: Some(USER_CPU_WEIGHT),
+            io_weight: Some(USER_IO_WEIGHT),
         }
     }
 }
@@ -639,7 +646,7 @@ mod limit_tests {
         let l = Limits::for_machine(mem(24), 2);
         assert_eq!(
             (l.cpu_weight, l.io_weight),
-            (Some(USER_WEIGHT), Some(USER_WEIGHT))
+            (Some(USER_CPU_WEIGHT), Some(USER_IO_WEIGHT))
         );
     }
 }

@@ -111,8 +111,9 @@ pub struct Kernel {
     implementation: String,
     /// The kernel's cgroup leaf, removed once the kernel is gone.
     leaf: Option<Arc<crate::sys::cgroup::Leaf>>,
-    /// The kernel's ZeroMQ ports stay out of port forwarding while it lives.
-    _private_ports: crate::portfwd::PrivatePorts,
+    /// The kernel's own listeners (its channels, ipykernel's IOPub pipe) stay out of
+    /// port forwarding while it lives.
+    sockets: crate::portfwd::KernelSockets,
 }
 
 struct Ports {
@@ -121,9 +122,6 @@ struct Ports {
     stdin: u16,
     control: u16,
     hb: u16,
-    /// Keeps the five ports out of port forwarding (they are guestd's, not the user's);
-    /// moved into the `Kernel`, so it lasts as long as the kernel.
-    private: crate::portfwd::PrivatePorts,
 }
 
 fn free_ports() -> std::io::Result<Ports> {
@@ -141,7 +139,6 @@ fn free_ports() -> std::io::Result<Ports> {
         stdin: p[2],
         control: p[3],
         hb: p[4],
-        private: crate::portfwd::hold_private(&p),
     })
 }
 
@@ -285,6 +282,8 @@ impl Kernel {
         };
         let waiter = launched.waiter;
         let pid = waiter.pid();
+        // Before the kernel can listen on anything: its sockets are not the user's.
+        let own_sockets = crate::portfwd::register_kernel(pid);
         tracing::info!(context = p.label, kernel = %p.spec.name, pid, "kernel process started");
 
         let (ev_tx, events) = mpsc::unbounded_channel();
@@ -415,10 +414,13 @@ impl Kernel {
             label,
             implementation: String::new(),
             leaf: kernel_partial.leaf.take(),
-            _private_ports: ports.private,
+            sockets: own_sockets,
         };
         kernel_partial.disarm();
         kernel.wait_ready().await?;
+        // From here on the kernel runs user code: what it listens on next is the user's.
+        let held = kernel.sockets.ready();
+        tracing::debug!(context = %kernel.label, sockets = held, "kernel's own sockets kept from port forwarding");
         Ok(kernel)
     }
 

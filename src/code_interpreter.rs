@@ -22,13 +22,16 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::kernel::{
     ContextInfo, ErrorKind, ExecStream, ExecuteRequest, KernelError, KernelManager, Output,
 };
 use crate::server::Handler;
 use crate::transport::{Body, BoxError, full_body};
+
+mod ndjson;
+pub use ndjson::encode_line;
 
 /// Silence after which a `keepalive` line is written.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
@@ -382,111 +385,6 @@ impl http_body::Body for NdjsonBody {
     }
 }
 
-#[derive(Serialize)]
-struct ResultLine<'a> {
-    r#type: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    text: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    html: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    markdown: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    svg: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    png: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    jpeg: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pdf: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    latex: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    json: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    javascript: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    chart: Option<&'a Value>,
-    extra: &'a Map<String, Value>,
-    is_main_result: bool,
-}
-
-#[derive(Serialize)]
-struct StreamLine<'a> {
-    r#type: &'static str,
-    text: &'a str,
-    timestamp: &'a str,
-}
-
-#[derive(Serialize)]
-struct ErrorLine<'a> {
-    r#type: &'static str,
-    name: &'a str,
-    value: &'a str,
-    traceback: &'a str,
-}
-
-#[derive(Serialize)]
-struct CountLine {
-    r#type: &'static str,
-    execution_count: i64,
-}
-
-#[derive(Serialize)]
-struct TypeLine {
-    r#type: &'static str,
-}
-
-/// One NDJSON line (ASCII-only JSON + `\n`) for an output.
-pub fn encode_line(out: &Output) -> Vec<u8> {
-    let mut line = match out {
-        Output::ExecutionCount(n) => to_ascii_json(&CountLine {
-            r#type: "number_of_executions",
-            execution_count: *n,
-        }),
-        Output::Stdout { text, timestamp } => to_ascii_json(&StreamLine {
-            r#type: "stdout",
-            text,
-            timestamp,
-        }),
-        Output::Stderr { text, timestamp } => to_ascii_json(&StreamLine {
-            r#type: "stderr",
-            text,
-            timestamp,
-        }),
-        Output::Result(r) => to_ascii_json(&ResultLine {
-            r#type: "result",
-            text: r.text.as_deref(),
-            html: r.html.as_deref(),
-            markdown: r.markdown.as_deref(),
-            svg: r.svg.as_deref(),
-            png: r.png.as_deref(),
-            jpeg: r.jpeg.as_deref(),
-            pdf: r.pdf.as_deref(),
-            latex: r.latex.as_deref(),
-            json: r.json.as_ref(),
-            javascript: r.javascript.as_deref(),
-            data: r.data.as_ref(),
-            chart: r.chart.as_ref(),
-            extra: &r.extra,
-            is_main_result: r.is_main_result,
-        }),
-        Output::Error(e) => to_ascii_json(&ErrorLine {
-            r#type: "error",
-            name: &e.name,
-            value: &e.value,
-            traceback: &e.traceback,
-        }),
-        Output::End => to_ascii_json(&TypeLine {
-            r#type: "end_of_execution",
-        }),
-    };
-    line.push(b'\n');
-    line
-}
-
 /// A serde_json formatter that writes every non-ASCII character as `\uXXXX` (UTF-16
 /// surrogate pairs above U+FFFF), like Python's `json.dumps(ensure_ascii=True)`.
 struct AsciiFormatter;
@@ -498,6 +396,9 @@ impl serde_json::ser::Formatter for AsciiFormatter {
         fragment: &str,
     ) -> std::io::Result<()> {
         let bytes = fragment.as_bytes();
+        if bytes.is_ascii() {
+            return writer.write_all(bytes);
+        }
         let mut start = 0;
         for (i, ch) in fragment.char_indices() {
             if ch.is_ascii() {
@@ -530,7 +431,7 @@ pub fn to_ascii_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::exec::{ExecError, ExecResult, output_channel};
+    use crate::kernel::exec::output_channel;
     use serde_json::json;
 
     #[test]
@@ -544,42 +445,6 @@ mod tests {
         );
         let back: Value = serde_json::from_slice(&s).expect("parse");
         assert_eq!(back["t"], "é\u{2028}\u{85}😀\n\"x\u{7f}");
-    }
-
-    #[test]
-    fn line_shapes() {
-        let line = |o: Output| {
-            let raw = encode_line(&o);
-            assert_eq!(raw.last(), Some(&b'\n'));
-            assert_eq!(raw.iter().filter(|b| **b == b'\n').count(), 1);
-            serde_json::from_slice::<Value>(&raw).expect("json")
-        };
-        assert_eq!(
-            line(Output::ExecutionCount(2)),
-            json!({"type": "number_of_executions", "execution_count": 2})
-        );
-        assert_eq!(
-            line(Output::Stdout {
-                text: "a\n".into(),
-                timestamp: "t".into()
-            }),
-            json!({"type": "stdout", "text": "a\n", "timestamp": "t"})
-        );
-        assert_eq!(
-            line(Output::Error(ExecError::aborted())),
-            json!({"type": "error", "name": "ExecutionAborted", "value": "Execution was aborted", "traceback": ""})
-        );
-        let r = ExecResult {
-            text: Some("2".into()),
-            json: Some(json!([1])),
-            is_main_result: true,
-            ..ExecResult::default()
-        };
-        assert_eq!(
-            line(Output::Result(Box::new(r))),
-            json!({"type": "result", "text": "2", "json": [1], "extra": {}, "is_main_result": true})
-        );
-        assert_eq!(line(Output::End), json!({"type": "end_of_execution"}));
     }
 
     #[tokio::test]

@@ -664,9 +664,46 @@ async fn a_memory_hog_in_a_kernel_is_confined_to_the_user_cgroup() {
     }
 }
 
-/// Ports in the connection files of the Python kernels that `guestd_pid` started.
-fn kernel_ports(guestd_pid: u32) -> Vec<u16> {
-    let mut ports = Vec::new();
+/// TCP listeners of the machine as (port, socket inode), from `/proc/net/tcp{,6}`
+/// (parsed here, independently of guestd's parser).
+fn tcp_listeners() -> Vec<(u16, u64)> {
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[3] != "0A" {
+                continue;
+            }
+            let port = u16::from_str_radix(f[1].rsplit(':').next().unwrap(), 16).unwrap();
+            out.push((port, f[9].parse().unwrap()));
+        }
+    }
+    out
+}
+
+/// Inodes of the sockets a process holds open.
+fn socket_inodes(pid: u32) -> std::collections::BTreeSet<u64> {
+    let mut out = std::collections::BTreeSet::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        if let Ok(target) = std::fs::read_link(e.path())
+            && let Some(n) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+        {
+            out.insert(n.parse().unwrap());
+        }
+    }
+    out
+}
+
+/// Children of `parent` (pid, command line).
+fn children_of(parent: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -679,31 +716,44 @@ fn kernel_ports(guestd_pid: u32) -> Vec<u16> {
             .nth(1)
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
-        if ppid != guestd_pid {
-            continue;
-        }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if let Some(i) = args.iter().position(|a| a == "-f") {
-            let conn: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(&args[i + 1]).unwrap()).unwrap();
-            for k in [
-                "shell_port",
-                "iopub_port",
-                "stdin_port",
-                "control_port",
-                "hb_port",
-            ] {
-                ports.push(conn[k].as_u64().unwrap() as u16);
-            }
+        if ppid == parent {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            out.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
         }
     }
-    ports
+    out
 }
 
+/// Ports that `pid` listens on.
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let mine = socket_inodes(pid);
+    tcp_listeners()
+        .into_iter()
+        .filter(|(_, inode)| mine.contains(inode))
+        .map(|(port, _)| port)
+        .collect()
+}
+
+/// Connects to `addr` until it answers (true) or `within` passed (false).
+async fn reachable_within(addr: std::net::SocketAddr, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The boundary of port forwarding (issue 8): every socket a kernel or guestd itself
+/// listens on stays private, including listeners a kernel opens for itself that are in
+/// no connection file (ipykernel's IOPub pipe for forked subprocesses); servers the
+/// user starts later are forwarded, whether they run in a process of their own started
+/// from a cell or in the kernel process itself (a thread of the Python kernel, a
+/// `Deno.serve` of the JavaScript kernel).
 #[tokio::test]
 async fn kernel_sockets_are_never_forwarded() {
     let _serial = FORWARDING.lock().await;
@@ -719,47 +769,114 @@ async fn kernel_sockets_are_never_forwarded() {
         .into_iter()
         .find(|a| a.is_ipv4())
         .expect("this test needs a non-loopback IPv4 address (eth0)");
-    let g = Guestd::start_forwarding(&["--default-user", "root"]);
+    let g = Guestd::start_forwarding(&["--default-user", "root", "--no-cgroups"]);
+    let code = common::Client::new(&format!("http://127.0.0.1:{}", g.code_port));
     let deadline = Instant::now() + Duration::from_secs(120);
     while std::net::TcpStream::connect(("127.0.0.1", g.code_port)).is_err() {
         assert!(Instant::now() < deadline, "kernel bridge not ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let ports = kernel_ports(g.pid());
+    let kernels = children_of(g.pid());
     assert!(
-        ports.len() >= 5,
-        "found the default kernel's ports: {ports:?}"
+        kernels.iter().any(|(_, cmd)| cmd.contains("ipykernel")),
+        "the default Python kernel runs: {kernels:?}"
     );
-    // A user service that starts listening now, after the kernels: the scan that
-    // forwards it also sees every kernel port.
-    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let service_port = service.local_addr().unwrap().port();
-    // The user's service gets forwarded (so the forwarder is working)...
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect_timeout(
-        &std::net::SocketAddr::new(ext, service_port),
-        Duration::from_millis(300),
-    )
-    .is_err()
-    {
+    let deno = kernels.iter().find(|(_, cmd)| cmd.contains("deno"));
+    if deno.is_none() {
         assert!(
-            Instant::now() < deadline,
-            "the user's loopback service was not forwarded"
+            std::env::var_os("GUESTD_REQUIRE_ALL_KERNELS").is_none(),
+            "no default JavaScript kernel: {kernels:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // One more scan interval, so the scans have bound whatever they wanted...
+    // What the kernels and guestd listen on before any user code ran.
+    let mut private: Vec<(String, u16)> = Vec::new();
+    for (pid, cmd) in &kernels {
+        for port in listening_ports(*pid) {
+            private.push((cmd.clone(), port));
+        }
+    }
+    for port in listening_ports(g.pid()) {
+        private.push(("guestd".into(), port));
+    }
+    assert!(
+        private.iter().any(|(c, _)| c.contains("ipykernel")),
+        "found the Python kernel's sockets: {private:?}"
+    );
+
+    // User servers, started after the kernels: one in a thread of the kernel process,
+    // one in a process of its own started from a cell.
+    let lines = execute_lines(
+        &code,
+        "import http.server, socketserver, subprocess, sys, threading, socket\n\
+         srv = socketserver.TCPServer(('127.0.0.1', 0), http.server.SimpleHTTPRequestHandler)\n\
+         threading.Thread(target=srv.serve_forever, daemon=True).start()\n\
+         s = socket.socket(); s.bind(('127.0.0.1', 0)); child_port = s.getsockname()[1]; s.close()\n\
+         child = subprocess.Popen([sys.executable, '-m', 'http.server', '--bind', '127.0.0.1', str(child_port)],\n\
+         \x20                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n\
+         print(srv.server_address[1], child_port)",
+    )
+    .await;
+    let out: String = lines
+        .iter()
+        .filter(|l| l["type"] == "stdout")
+        .map(|l| l["text"].as_str().unwrap().to_string())
+        .collect();
+    let user_ports: Vec<u16> = out
+        .split_whitespace()
+        .map(|p| p.parse().unwrap_or_else(|_| panic!("ports: {lines:?}")))
+        .collect();
+    assert_eq!(user_ports.len(), 2, "{lines:?}");
+    let mut user = vec![
+        ("a thread of the Python kernel", user_ports[0]),
+        ("a process started from a cell", user_ports[1]),
+    ];
+    if deno.is_some() {
+        let (st, _, body) = code
+            .fetch(
+                Method::POST,
+                "/execute",
+                &[("content-type", "application/json")],
+                serde_json::json!({
+                    "language": "javascript",
+                    "code": "const server = Deno.serve({ hostname: '127.0.0.1', port: 0, onListen() {} }, () => new Response('hi'));\nserver.addr.port",
+                })
+                .to_string(),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let text = String::from_utf8_lossy(&body);
+        let port = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["type"] == "result")
+            .and_then(|l| l["text"].as_str().and_then(|t| t.parse::<u16>().ok()))
+            .unwrap_or_else(|| panic!("Deno.serve port: {text}"));
+        user.push(("Deno.serve in the JavaScript kernel", port));
+    }
+    // Every user server gets forwarded (so the forwarder is working and has seen the
+    // kernels' sockets in the same scans)...
+    for (what, port) in &user {
+        assert!(
+            reachable_within(
+                std::net::SocketAddr::new(ext, *port),
+                Duration::from_secs(10)
+            )
+            .await,
+            "the user's server in {what} (127.0.0.1:{port}) was not forwarded to {ext}"
+        );
+    }
+    // ...one more scan interval, so the scans have bound whatever they wanted...
     tokio::time::sleep(guestd::portfwd::SCAN_INTERVAL + Duration::from_millis(500)).await;
-    // ...while the kernels' ZeroMQ sockets (iopub carries every output) are not.
-    for port in ports {
+    // ...while nothing a kernel or guestd listened on for itself is.
+    for (owner, port) in &private {
         assert!(
             std::net::TcpStream::connect_timeout(
-                &std::net::SocketAddr::new(ext, port),
+                &std::net::SocketAddr::new(ext, *port),
                 Duration::from_millis(300)
             )
             .is_err(),
-            "kernel port {port} is reachable from {ext}"
+            "{owner}'s port {port} is reachable from {ext}"
         );
     }
-    drop(service);
+    let _ = execute_lines(&code, "srv.shutdown(); child.kill()").await;
 }

@@ -54,7 +54,7 @@ pub fn run(data: &[u8]) {
     let keep = frames.len().saturating_sub(usize::from(input.truncate % 8));
     frames.truncate(keep);
 
-    let msg = match signer.decode(&frames) {
+    let mut msg = match signer.decode(&frames) {
         Ok(m) => m,
         Err(e) => {
             assert!(!e.to_string().is_empty());
@@ -76,7 +76,7 @@ pub fn run(data: &[u8]) {
     );
 
     let mut tracker = Tracker::new(msg.parent_id().unwrap_or("request"));
-    let mut outputs = tracker.on_iopub(&msg);
+    let mut outputs = tracker.on_iopub(&mut msg);
     tracker.on_shell(&msg);
     outputs.extend(tracker.finish());
     for out in &outputs {

@@ -80,6 +80,26 @@ impl ContextHandle {
         interrupt_restart: Duration,
         cgroups: Option<Arc<crate::sys::cgroup::Cgroups>>,
     ) -> Result<ContextHandle, KernelError> {
+        let (handle, started) =
+            ContextHandle::spawn(info, spec, resolver, env, interrupt_restart, cgroups);
+        match started.await {
+            Ok(Ok(())) => Ok(handle),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(KernelError::Start("the context's worker stopped".into())),
+        }
+    }
+
+    /// The handle at once, the kernel starting in the worker: executions sent meanwhile
+    /// wait for it. `started` tells when the kernel is ready, or why it could not start
+    /// (then the worker has stopped, ending what was queued with that reason).
+    pub fn spawn(
+        info: ContextInfo,
+        spec: KernelSpec,
+        resolver: SpecResolver,
+        env: GlobalEnv,
+        interrupt_restart: Duration,
+        cgroups: Option<Arc<crate::sys::cgroup::Cgroups>>,
+    ) -> (ContextHandle, oneshot::Receiver<Result<(), KernelError>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let failed = Arc::new(Mutex::new(None));
         let mut env_rx = env.subscribe();
@@ -103,9 +123,20 @@ impl ContextHandle {
             interrupt_restart,
             cgroups,
         };
-        worker.start_kernel().await?;
-        tokio::spawn(worker.run());
-        Ok(ContextHandle { info, tx, failed })
+        let (started_tx, started) = oneshot::channel();
+        tokio::spawn(async move {
+            match worker.start_kernel().await {
+                Ok(()) => {
+                    let _ = started_tx.send(Ok(()));
+                    worker.run().await;
+                }
+                Err(e) => {
+                    worker.refuse_queued(&e);
+                    let _ = started_tx.send(Err(e));
+                }
+            }
+        });
+        (ContextHandle { info, tx, failed }, started)
     }
 
     /// Why the context no longer runs code, if it gave up restarting its kernel.
@@ -199,8 +230,8 @@ async fn run_silent(kernel: &mut Kernel, code: &str, label: &str) -> Silent {
             _ = sleep_until(grace.unwrap_or(deadline)), if grace.is_some() => break,
         };
         match ev {
-            Event::Msg(Channel::Iopub, m) => {
-                for o in tracker.on_iopub(&m) {
+            Event::Msg(Channel::Iopub, mut m) => {
+                for o in tracker.on_iopub(&mut m) {
                     tracing::debug!(context = label, output = ?o, "setup output (discarded)");
                 }
                 if tracker.idle_seen() && idle_at.is_none() {
@@ -304,6 +335,25 @@ fn env_diff(from: &EnvMap, to: &EnvMap) -> Vec<EnvOp> {
 }
 
 impl Worker {
+    /// The kernel could not start: ends every command that arrived meanwhile with
+    /// the reason (the worker stops after this).
+    fn refuse_queued(&mut self, e: &KernelError) {
+        self.cmds.close();
+        while let Ok(cmd) = self.cmds.try_recv() {
+            match cmd {
+                Command::Execute(job) => job
+                    .out
+                    .end(Some(ExecError::unexpected_end().with_detail(e.to_string()))),
+                Command::Restart(reply) => {
+                    let _ = reply.send(Err(KernelError::Start(e.to_string())));
+                }
+                Command::Remove(reply) => {
+                    let _ = reply.send(());
+                }
+            }
+        }
+    }
+
     fn set_failed(&self, reason: Option<String>) {
         *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = reason;
     }
@@ -771,8 +821,8 @@ impl Worker {
             let watching_client = interrupted_at.is_none();
             tokio::select! {
                 ev = kernel.next_event() => match ev {
-                    Event::Msg(Channel::Iopub, m) => {
-                        let outs = tracker.on_iopub(&m);
+                    Event::Msg(Channel::Iopub, mut m) => {
+                        let outs = tracker.on_iopub(&mut m);
                         if watching_client {
                             job.out.push_all(outs);
                         }
@@ -830,8 +880,8 @@ impl Worker {
                     _ = sleep_until(quiet_until.min(cap)) => break,
                 };
                 match ev {
-                    Event::Msg(Channel::Iopub, m) => {
-                        let outs = tracker.on_iopub(&m);
+                    Event::Msg(Channel::Iopub, mut m) => {
+                        let outs = tracker.on_iopub(&mut m);
                         if !outs.is_empty() {
                             job.out.push_all(outs);
                             quiet_until = Instant::now() + linger;

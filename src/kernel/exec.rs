@@ -243,14 +243,14 @@ impl Tracker {
         msg.parent_id() == Some(self.msg_id.as_str())
     }
 
-    /// An iopub message; returns the outputs to write.
-    pub fn on_iopub(&mut self, msg: &Message) -> Vec<Output> {
+    /// An iopub message; returns the outputs to write. Large strings (stream text,
+    /// MIME bundles) are moved out of `msg`'s content, not copied.
+    pub fn on_iopub(&mut self, msg: &mut Message) -> Vec<Output> {
         if !self.mine(msg) {
             return Vec::new();
         }
-        let c = &msg.content;
-        match msg.msg_type() {
-            "execute_input" => match c.get("execution_count").and_then(Value::as_i64) {
+        match msg.header.msg_type.as_str() {
+            "execute_input" => match msg.content.get("execution_count").and_then(Value::as_i64) {
                 Some(n) if !self.count_written => {
                     self.count_written = true;
                     vec![Output::ExecutionCount(n)]
@@ -258,7 +258,10 @@ impl Tracker {
                 _ => Vec::new(),
             },
             "stream" => {
-                let text = msg.content_str("text").unwrap_or("").to_string();
+                let text = match msg.content.get_mut("text") {
+                    Some(Value::String(s)) => std::mem::take(s),
+                    _ => String::new(),
+                };
                 let timestamp = stream_timestamp(msg.header.date.as_deref());
                 match msg.content_str("name") {
                     Some("stderr") => vec![Output::Stderr { text, timestamp }],
@@ -266,13 +269,14 @@ impl Tracker {
                 }
             }
             t @ ("execute_result" | "display_data") => {
-                let data = match c.get("data") {
-                    Some(Value::Object(m)) => m.clone(),
+                let is_main_result = t == "execute_result";
+                let data = match msg.content.get_mut("data") {
+                    Some(Value::Object(m)) => std::mem::take(m),
                     _ => Map::new(),
                 };
                 vec![Output::Result(Box::new(ExecResult::from_bundle(
                     data,
-                    t == "execute_result",
+                    is_main_result,
                 )))]
             }
             "error" => {
@@ -280,7 +284,7 @@ impl Tracker {
                     return Vec::new();
                 }
                 self.error_written = true;
-                let e = ExecError::from_content(c);
+                let e = ExecError::from_content(&msg.content);
                 self.first_error.get_or_insert_with(|| e.clone());
                 vec![Output::Error(e)]
             }
@@ -611,7 +615,7 @@ mod tests {
     fn tracker_filters_and_completes_in_any_order() {
         let mut t = Tracker::new("m1");
         assert!(
-            t.on_iopub(&msg(
+            t.on_iopub(&mut msg(
                 "stream",
                 "other",
                 json!({"name": "stdout", "text": "x"})
@@ -619,14 +623,22 @@ mod tests {
             .is_empty()
         );
         assert_eq!(
-            t.on_iopub(&msg("execute_input", "m1", json!({"execution_count": 3}))),
+            t.on_iopub(&mut msg(
+                "execute_input",
+                "m1",
+                json!({"execution_count": 3})
+            )),
             vec![Output::ExecutionCount(3)]
         );
-        let out = t.on_iopub(&msg("stream", "m1", json!({"name": "stderr", "text": "e"})));
+        let out = t.on_iopub(&mut msg(
+            "stream",
+            "m1",
+            json!({"name": "stderr", "text": "e"}),
+        ));
         assert!(
             matches!(&out[0], Output::Stderr { text, timestamp } if text == "e" && timestamp.ends_with("+00:00"))
         );
-        let e1 = t.on_iopub(&msg(
+        let e1 = t.on_iopub(&mut msg(
             "error",
             "m1",
             json!({"ename": "NameError", "evalue": "x", "traceback": ["a\n", "b"]}),
@@ -640,10 +652,10 @@ mod tests {
             })]
         );
         assert!(
-            t.on_iopub(&msg("error", "m1", json!({"ename": "Second"})))
+            t.on_iopub(&mut msg("error", "m1", json!({"ename": "Second"})))
                 .is_empty()
         );
-        t.on_iopub(&msg("status", "m1", json!({"execution_state": "idle"})));
+        t.on_iopub(&mut msg("status", "m1", json!({"execution_state": "idle"})));
         assert!(!t.is_complete());
         t.on_shell(&msg(
             "execute_reply",
@@ -666,7 +678,7 @@ mod tests {
             json!({"status": "error", "ename": "E", "execution_count": 7}),
         ));
         assert!(!t.is_complete());
-        t.on_iopub(&msg("status", "m", json!({"execution_state": "idle"})));
+        t.on_iopub(&mut msg("status", "m", json!({"execution_state": "idle"})));
         assert!(t.is_complete());
         assert_eq!(
             t.finish(),

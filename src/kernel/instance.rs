@@ -45,6 +45,9 @@ use crate::sys::launch;
 
 /// Longest time a kernel may take from spawn to ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long after a `kernel_info_reply` its iopub status may take before the request
+/// is repeated (the first status can be lost to PUB/SUB slow joining).
+const IOPUB_GRACE: Duration = Duration::from_millis(30);
 /// Grace period after `shutdown_request` before signals.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 /// Grace period after SIGTERM before SIGKILL.
@@ -111,41 +114,123 @@ pub struct Kernel {
     implementation: String,
     /// The kernel's cgroup leaf, removed once the kernel is gone.
     leaf: Option<Arc<crate::sys::cgroup::Leaf>>,
-    /// The kernel's ZeroMQ ports stay out of port forwarding while it lives.
-    _private_ports: crate::portfwd::PrivatePorts,
+    /// The kernel's own listeners (its channels, ipykernel's IOPub pipe) stay out of
+    /// port forwarding while it lives.
+    sockets: crate::portfwd::KernelSockets,
+    /// Where the channels listen (IPC socket files are removed with the kernel).
+    ports: Ports,
 }
 
+/// How the kernel's channels are reached (D70).
+#[derive(Debug, Clone)]
+enum Transport {
+    /// Loopback TCP ports picked free by guestd.
+    Tcp,
+    /// Unix sockets `<base>-<port>` in guestd's private runtime directory: no ports,
+    /// nothing another user (or the network) can connect to.
+    Ipc(PathBuf),
+}
+
+/// The five channels' "ports" (for IPC, the suffixes of the socket paths).
+#[derive(Debug, Clone)]
 struct Ports {
     shell: u16,
     iopub: u16,
     stdin: u16,
     control: u16,
     hb: u16,
-    /// Keeps the five ports out of port forwarding (they are guestd's, not the user's);
-    /// moved into the `Kernel`, so it lasts as long as the kernel.
-    private: crate::portfwd::PrivatePorts,
+    transport: Transport,
 }
 
-fn free_ports() -> std::io::Result<Ports> {
-    // Bind all five at once so they are distinct, then release them for the kernel.
-    let ls: Vec<TcpListener> = (0..5)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
-    let p: Vec<u16> = ls
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<_, _>>()?;
-    Ok(Ports {
-        shell: p[0],
-        iopub: p[1],
-        stdin: p[2],
-        control: p[3],
-        hb: p[4],
-        private: crate::portfwd::hold_private(&p),
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL), less room for
+/// the `-<n>` suffix.
+const MAX_IPC_BASE: usize = 100;
+
+impl Ports {
+    fn tcp() -> std::io::Result<Ports> {
+        // Bind all five at once so they are distinct, then release them for the kernel.
+        let ls: Vec<TcpListener> = (0..5)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<_, _>>()?;
+        let p: Vec<u16> = ls
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<Result<_, _>>()?;
+        Ok(Ports {
+            shell: p[0],
+            iopub: p[1],
+            stdin: p[2],
+            control: p[3],
+            hb: p[4],
+            transport: Transport::Tcp,
+        })
+    }
+
+    /// IPC sockets under `base`, or `None` when the path would be too long.
+    fn ipc(base: PathBuf) -> Option<Ports> {
+        (base.as_os_str().len() <= MAX_IPC_BASE).then_some(Ports {
+            shell: 1,
+            iopub: 2,
+            stdin: 3,
+            control: 4,
+            hb: 5,
+            transport: Transport::Ipc(base),
+        })
+    }
+
+    fn all(&self) -> [u16; 5] {
+        [self.shell, self.iopub, self.stdin, self.control, self.hb]
+    }
+
+    fn ipc_path(base: &Path, port: u16) -> PathBuf {
+        let mut p = base.as_os_str().to_owned();
+        p.push(format!("-{port}"));
+        PathBuf::from(p)
+    }
+
+    fn endpoint(&self, port: u16) -> String {
+        match &self.transport {
+            Transport::Tcp => format!("tcp://127.0.0.1:{port}"),
+            Transport::Ipc(base) => format!("ipc://{}", Self::ipc_path(base, port).display()),
+        }
+    }
+
+    /// Whether the kernel listens on `port` yet. zeromq's own connect retries back off
+    /// exponentially (50, 100, 200, 400 ms…), which made a kernel that binds after
+    /// 0.4 s wait until 0.75 s; probing every few milliseconds first does not.
+    async fn bound(&self, port: u16) -> bool {
+        match &self.transport {
+            // A probe connection the kernel sees close before any greeting (ZeroMQ
+            // ignores those).
+            Transport::Tcp => tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok(),
+            Transport::Ipc(base) => tokio::net::UnixStream::connect(Self::ipc_path(base, port))
+                .await
+                .is_ok(),
+        }
+    }
+
+    /// Removes IPC socket files a kernel that was killed left behind.
+    fn cleanup(&self) {
+        if let Transport::Ipc(base) = &self.transport {
+            for port in self.all() {
+                let _ = std::fs::remove_file(Self::ipc_path(base, port));
+            }
+        }
+    }
+}
+
+/// `GUESTD_KERNEL_TRANSPORT=tcp` keeps every kernel on loopback TCP (to compare, or
+/// should a kernel misbehave over IPC); by default kernels that speak IPC use it.
+fn ipc_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        !std::env::var("GUESTD_KERNEL_TRANSPORT").is_ok_and(|v| v.eq_ignore_ascii_case("tcp"))
     })
 }
 
-/// Directory for connection files (private to guestd).
+/// Directory for connection files and IPC sockets (private to guestd: mode 0700).
 fn runtime_dir() -> std::io::Result<PathBuf> {
     let candidates = [
         PathBuf::from("/run/guestd/kernels"),
@@ -178,9 +263,13 @@ fn runtime_dir() -> std::io::Result<PathBuf> {
 }
 
 fn write_connection_file(path: &Path, ports: &Ports, key: &str, spec: &str) -> std::io::Result<()> {
+    let (transport, ip) = match &ports.transport {
+        Transport::Tcp => ("tcp", "127.0.0.1".to_string()),
+        Transport::Ipc(base) => ("ipc", base.to_string_lossy().into_owned()),
+    };
     let body = json!({
-        "ip": "127.0.0.1",
-        "transport": "tcp",
+        "ip": ip,
+        "transport": transport,
         "shell_port": ports.shell,
         "iopub_port": ports.iopub,
         "stdin_port": ports.stdin,
@@ -199,10 +288,6 @@ fn write_connection_file(path: &Path, ports: &Ports, key: &str, spec: &str) -> s
         .open(path)?;
     f.write_all(body.to_string().as_bytes())?;
     f.sync_all()
-}
-
-fn endpoint(port: u16) -> String {
-    format!("tcp://127.0.0.1:{port}")
 }
 
 fn socket_options(identity: Option<&PeerIdentity>) -> SocketOptions {
@@ -240,18 +325,21 @@ impl Kernel {
             }
             Err(e) => return Err(KernelError::Cwd(p.cwd.display().to_string(), e.to_string())),
         }
-        let ports = free_ports().map_err(|e| KernelError::start_io("cannot allocate ports", &e))?;
         let key = format!(
             "{}{}",
             uuid::Uuid::new_v4().simple(),
             uuid::Uuid::new_v4().simple()
         );
         let dir = runtime_dir().map_err(|e| KernelError::start_io("no runtime directory", &e))?;
-        let conn_file = dir.join(format!(
-            "kernel-{}-{}.json",
-            p.label,
-            uuid::Uuid::new_v4().simple()
-        ));
+        let file_id = uuid::Uuid::new_v4().simple().to_string();
+        let conn_file = dir.join(format!("kernel-{}-{file_id}.json", p.label));
+        let ipc = (p.spec.speaks_ipc() && ipc_allowed())
+            .then(|| Ports::ipc(dir.join(format!("k-{}", &file_id[..16]))))
+            .flatten();
+        let ports = match ipc {
+            Some(p) => p,
+            None => Ports::tcp().map_err(|e| KernelError::start_io("cannot allocate ports", &e))?,
+        };
         write_connection_file(&conn_file, &ports, &key, &p.spec.name)
             .map_err(|e| KernelError::start_io("cannot write connection file", &e))?;
         // From here on, the file is removed by Kernel's drop (or below on early failure).
@@ -266,6 +354,7 @@ impl Kernel {
                 None
             }
         });
+        let spawned = Instant::now();
         let launched = match kernel_command(&p, &argv, leaf.as_deref()) {
             Ok((cmd, out_r, err_r)) => match launch::launch(cmd).await {
                 Ok(l) => Ok((l, out_r, err_r)),
@@ -289,6 +378,8 @@ impl Kernel {
         };
         let waiter = launched.waiter;
         let pid = waiter.pid();
+        // Before the kernel can listen on anything: its sockets are not the user's.
+        let own_sockets = crate::portfwd::register_kernel(pid);
         tracing::info!(context = p.label, kernel = %p.spec.name, pid, "kernel process started");
 
         let (ev_tx, events) = mpsc::unbounded_channel();
@@ -320,6 +411,7 @@ impl Kernel {
             tasks,
             conn_file: Some(conn_file),
             leaf,
+            ports: Some(ports.clone()),
         };
         let identity = PeerIdentity::try_from(Bytes::from(session.clone().into_bytes()))
             .map_err(|e| fail(format!("bad identity: {e}")))?;
@@ -329,17 +421,11 @@ impl Kernel {
             let mut control = DealerSocket::with_options(socket_options(None));
             let mut stdin = DealerSocket::with_options(socket_options(Some(&identity)));
             let mut iopub = SubSocket::with_options(socket_options(None));
-            let eps = [
-                endpoint(ports.shell),
-                endpoint(ports.control),
-                endpoint(ports.stdin),
-                endpoint(ports.iopub),
-            ];
             let (a, b, c, d) = tokio::join!(
-                shell.connect(&eps[0]),
-                control.connect(&eps[1]),
-                stdin.connect(&eps[2]),
-                iopub.connect(&eps[3]),
+                connect_when_bound(&mut shell, &ports, ports.shell),
+                connect_when_bound(&mut control, &ports, ports.control),
+                connect_when_bound(&mut stdin, &ports, ports.stdin),
+                connect_when_bound(&mut iopub, &ports, ports.iopub),
             );
             a.and(b).and(c).and(d)?;
             iopub.subscribe("").await?;
@@ -373,11 +459,14 @@ impl Kernel {
         let (_stdin_tx, stdin_rx) = stdin.split();
         // The socket readers and the heartbeat: stopped first at shutdown, so that no
         // socket tries to reconnect to a kernel that is going away.
+        // Over IPC the directory's permissions authenticate the kernel (D70).
+        let trusted = matches!(ports.transport, Transport::Ipc(_));
         let channel_tasks = vec![
             spawn_reader(
                 shell_rx,
                 Channel::Shell,
                 signer.clone(),
+                trusted,
                 ev_tx.clone(),
                 label.clone(),
             ),
@@ -385,6 +474,7 @@ impl Kernel {
                 control_rx,
                 Channel::Control,
                 signer.clone(),
+                trusted,
                 ev_tx.clone(),
                 label.clone(),
             ),
@@ -392,6 +482,7 @@ impl Kernel {
                 stdin_rx,
                 Channel::Stdin,
                 signer.clone(),
+                trusted,
                 ev_tx.clone(),
                 label.clone(),
             ),
@@ -399,10 +490,11 @@ impl Kernel {
                 iopub,
                 Channel::Iopub,
                 signer.clone(),
+                trusted,
                 ev_tx.clone(),
                 label.clone(),
             ),
-            spawn_heartbeat(ports.hb, ev_tx.clone(), label.clone()),
+            spawn_heartbeat(ports.endpoint(ports.hb), ev_tx.clone(), label.clone()),
         ];
         drop(ev_tx);
 
@@ -423,10 +515,21 @@ impl Kernel {
             label,
             implementation: String::new(),
             leaf: kernel_partial.leaf.take(),
-            _private_ports: ports.private,
+            sockets: own_sockets,
+            ports: kernel_partial.ports.take().unwrap_or(ports),
         };
         kernel_partial.disarm();
         kernel.wait_ready().await?;
+        tracing::info!(
+            context = %kernel.label,
+            pid,
+            implementation = %kernel.implementation,
+            elapsed_ms = spawned.elapsed().as_millis() as u64,
+            "kernel answered kernel_info"
+        );
+        // From here on the kernel runs user code: what it listens on next is the user's.
+        let held = kernel.sockets.ready();
+        tracing::debug!(context = %kernel.label, sockets = held, "kernel's own sockets kept from port forwarding");
         Ok(kernel)
     }
 
@@ -442,7 +545,7 @@ impl Kernel {
             let req = Message::new("kernel_info_request", &self.session, json!({}));
             sent.insert(req.msg_id().to_string());
             self.send_shell(&req).await?;
-            let round_end = (Instant::now() + interval).min(deadline);
+            let mut round_end = (Instant::now() + interval).min(deadline);
             interval = (interval * 2).min(Duration::from_secs(2));
             loop {
                 let ev = tokio::select! {
@@ -455,6 +558,10 @@ impl Kernel {
                             && m.parent_id().is_some_and(|p| sent.contains(p)) =>
                     {
                         got_reply_at.get_or_insert_with(Instant::now);
+                        // The kernel answers; its iopub status follows within
+                        // milliseconds unless our subscription reached it too late
+                        // (PUB/SUB slow joining): then ask again soon.
+                        round_end = round_end.min(Instant::now() + IOPUB_GRACE);
                         if let Some(i) = m.content_str("implementation") {
                             tracing::debug!(context = %self.label, implementation = i, "kernel_info_reply");
                             self.implementation = i.to_string();
@@ -657,6 +764,7 @@ impl Drop for Kernel {
             t.abort();
         }
         let _ = std::fs::remove_file(&self.conn_file);
+        self.ports.cleanup();
         if let Some(leaf) = self.leaf.take() {
             leaf.remove_when_empty();
         }
@@ -669,6 +777,7 @@ struct PartialKernel {
     tasks: Vec<JoinHandle<()>>,
     conn_file: Option<PathBuf>,
     leaf: Option<Arc<crate::sys::cgroup::Leaf>>,
+    ports: Option<Ports>,
 }
 
 impl PartialKernel {
@@ -692,6 +801,9 @@ impl Drop for PartialKernel {
         }
         if let Some(f) = &self.conn_file {
             let _ = std::fs::remove_file(f);
+        }
+        if let Some(p) = &self.ports {
+            p.cleanup();
         }
         if let Some(leaf) = self.leaf.take() {
             leaf.remove_when_empty();
@@ -838,10 +950,23 @@ fn kernel_command(
     Ok((cmd, out_r, err_r))
 }
 
+/// Connects `sock` to the kernel's `port` once the kernel listens there.
+async fn connect_when_bound<S: Socket>(
+    sock: &mut S,
+    ports: &Ports,
+    port: u16,
+) -> Result<(), zeromq::ZmqError> {
+    while !ports.bound(port).await {
+        sleep(Duration::from_millis(5)).await;
+    }
+    sock.connect(&ports.endpoint(port)).await
+}
+
 fn spawn_reader<S>(
     mut sock: S,
     channel: Channel,
     signer: Signer,
+    trusted: bool,
     tx: mpsc::UnboundedSender<Event>,
     label: String,
 ) -> JoinHandle<()>
@@ -853,7 +978,12 @@ where
             match sock.recv().await {
                 Ok(zmsg) => {
                     let frames = zmsg.into_vec();
-                    match signer.decode(&frames) {
+                    let decoded = if trusted {
+                        signer.decode_trusted(&frames)
+                    } else {
+                        signer.decode(&frames)
+                    };
+                    match decoded {
                         Ok(msg) => {
                             tracing::trace!(context = %label, ?channel, msg_type = msg.msg_type(), "kernel message");
                             if tx.send(Event::Msg(channel, Box::new(msg))).is_err() {
@@ -876,7 +1006,11 @@ where
 
 /// Pings the heartbeat channel every 3 s; reports a loss after 3 missed beats and the
 /// recovery after that.
-fn spawn_heartbeat(port: u16, tx: mpsc::UnboundedSender<Event>, label: String) -> JoinHandle<()> {
+fn spawn_heartbeat(
+    endpoint: String,
+    tx: mpsc::UnboundedSender<Event>,
+    label: String,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut misses = 0u32;
         let mut lost = false;
@@ -885,7 +1019,7 @@ fn spawn_heartbeat(port: u16, tx: mpsc::UnboundedSender<Event>, label: String) -
             sleep(Duration::from_secs(3)).await;
             if sock.is_none() {
                 let mut s = ReqSocket::with_options(socket_options(None));
-                match timeout(Duration::from_secs(3), s.connect(&endpoint(port))).await {
+                match timeout(Duration::from_secs(3), s.connect(&endpoint)).await {
                     Ok(Ok(())) => sock = Some(s),
                     _ => {
                         misses += 1;

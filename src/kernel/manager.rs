@@ -124,6 +124,60 @@ impl KernelManager {
         Ok(handle)
     }
 
+    /// Registers the default context of `language` at once and starts its kernel in the
+    /// background (startup, D71): `GET /contexts` lists it right away and executions on
+    /// it wait for the kernel; if the kernel cannot start, the context is removed again
+    /// (the language then gets a new default on first use, or its error).
+    pub fn start_default_in_background(self: &Arc<Self>, language: &str) {
+        let language = normalize(Some(language));
+        let Some(spec) = self.opts.resolver.resolve(&language) else {
+            return;
+        };
+        let info = ContextInfo {
+            id: uuid::Uuid::new_v4().to_string(),
+            language: language.clone(),
+            cwd: self.opts.default_cwd.clone(),
+        };
+        tracing::info!(context = %info.id, language, kernel = %spec.name, cwd = %info.cwd, "creating context");
+        let (handle, started) = ContextHandle::spawn(
+            info,
+            spec,
+            self.opts.resolver.clone(),
+            self.env.clone(),
+            self.opts.interrupt_restart,
+            self.opts.cgroups.clone(),
+        );
+        let id = handle.info.id.clone();
+        {
+            let mut reg = self.reg();
+            if reg.defaults.contains_key(&language) {
+                return; // someone made it meanwhile; the spawned worker ends unused
+            }
+            reg.contexts.push(Arc::new(handle));
+            reg.defaults.insert(language.clone(), id.clone());
+        }
+        let mgr = Arc::downgrade(self);
+        tokio::spawn(async move {
+            match started.await {
+                Ok(Ok(())) => {
+                    tracing::info!(context = %id, language, "default context ready (started in the background)")
+                }
+                outcome => {
+                    let why = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "its worker stopped".to_string(),
+                    };
+                    tracing::warn!(context = %id, language, error = %why, "default context failed to start; it is created again on first use");
+                    if let Some(mgr) = mgr.upgrade() {
+                        let mut reg = mgr.reg();
+                        reg.contexts.retain(|c| c.info.id != id);
+                        reg.defaults.retain(|_, v| *v != id);
+                    }
+                }
+            }
+        });
+    }
+
     /// The default context of a language, created if missing (contract §2.2, §6.3).
     pub async fn default_context(&self, language: &str) -> Result<ContextInfo, KernelError> {
         Ok(self

@@ -117,8 +117,8 @@ impl KernelOptions {
 }
 
 /// Starts the kernel bridge's domain (contract §6.3, §9): creates the default Python
-/// context, and the JavaScript one when a JavaScript kernel is installed, before
-/// returning. `Ok(None)` when the bridge is disabled or no Python kernelspec exists;
+/// context, and registers the JavaScript one (starting in the background) when a
+/// JavaScript kernel is installed, before returning. `Ok(None)` when the bridge is disabled or no Python kernelspec exists;
 /// the caller binds the code-interpreter port only on `Ok(Some(_))`.
 pub async fn start(
     config: &crate::config::Config,
@@ -144,24 +144,20 @@ pub async fn start_with(
         return Ok(None);
     }
     let started = std::time::Instant::now();
-    // One after the other: creation order is the order `GET /contexts` lists them in.
+    // Python first, alone: the bridge is ready (its port bound, `/health` 200) as soon
+    // as a Python context can run (issue 11). The JavaScript default is registered
+    // right after it, so `GET /contexts` lists both in creation order at once, and its
+    // kernel starts in the background; JavaScript executions wait for it (D71).
     let py = mgr.default_context("python").await?;
-    tracing::info!(context = %py.id, "default Python context ready");
-    let js = if mgr.has_kernel("javascript") {
-        Some(mgr.default_context("javascript").await)
-    } else {
-        None
-    };
-    match js {
-        Some(Ok(c)) => tracing::info!(context = %c.id, "default JavaScript context ready"),
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, "default JavaScript context failed; JavaScript will be retried on first use")
-        }
-        None => tracing::info!("no JavaScript kernel installed"),
-    }
     tracing::info!(
+        context = %py.id,
         elapsed_ms = started.elapsed().as_millis() as u64,
-        "kernel bridge ready"
+        "default Python context ready"
     );
+    if mgr.has_kernel("javascript") {
+        mgr.start_default_in_background("javascript");
+    } else {
+        tracing::info!("no JavaScript kernel installed");
+    }
     Ok(Some(mgr))
 }

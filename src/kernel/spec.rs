@@ -81,6 +81,18 @@ impl KernelSpec {
     }
 
     /// `argv` with `{connection_file}` and `{resource_dir}` substituted.
+    /// Whether the kernel runs on ipykernel's `IPKernelApp`, which serves its channels
+    /// over Unix sockets when the connection file says `"transport": "ipc"` (D70):
+    /// Python's `-m ipykernel_launcher` / `-m ipykernel` and `-m bash_kernel`. Other
+    /// kernels (Deno's Rust ZeroMQ has no IPC; JeroMQ emulates it over TCP; IRkernel
+    /// builds IPC endpoints its own way) keep loopback TCP.
+    pub fn speaks_ipc(&self) -> bool {
+        const MODULES: &[&str] = &["ipykernel_launcher", "ipykernel", "bash_kernel"];
+        self.argv
+            .windows(2)
+            .any(|w| w[0] == "-m" && MODULES.contains(&w[1].as_str()))
+    }
+
     pub fn command_line(&self, connection_file: &Path) -> Vec<String> {
         let conn = connection_file.to_string_lossy();
         let res = self.resource_dir.to_string_lossy();
@@ -327,12 +339,34 @@ mod tests {
         let cl = py.command_line(Path::new("/tmp/c.json"));
         assert_eq!(cl[1], "/tmp/c.json");
         assert_eq!(cl[2], format!("{}/x", a.path().join("python3").display()));
+        assert!(!py.speaks_ipc(), "{:?}", py.argv);
         let rr = r.resolve("r").expect("r by language field");
         assert_eq!(rr.name, "weird-r");
         assert_eq!(rr.interrupt_mode, InterruptMode::Message);
         assert!(r.resolve("cobol").is_none());
         assert!(r.find_by_name("broken").is_none());
         assert!(r.find_by_name("../x").is_none());
+    }
+
+    #[test]
+    fn ipc_only_for_ipykernel_apps() {
+        let spec = |argv: &[&str]| KernelSpec {
+            name: "k".into(),
+            resource_dir: PathBuf::new(),
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            display_name: String::new(),
+            language: String::new(),
+            env: BTreeMap::new(),
+            interrupt_mode: InterruptMode::Signal,
+        };
+        let f = "{connection_file}";
+        assert!(spec(&["python", "-m", "ipykernel_launcher", "-f", f]).speaks_ipc());
+        assert!(spec(&["/v/bin/python3", "-m", "ipykernel", "-f", f]).speaks_ipc());
+        assert!(spec(&["python", "-m", "bash_kernel", "-f", f]).speaks_ipc());
+        assert!(!spec(&["deno", "jupyter", "--kernel", "--conn", f]).speaks_ipc());
+        assert!(!spec(&["R", "--slave", "-e", "IRkernel::main()", "--args", f]).speaks_ipc());
+        assert!(!spec(&["java", "-jar", "jjava-launcher.jar", f]).speaks_ipc());
+        assert!(!spec(&["python", "my_ipykernel_fork.py", "-f", f]).speaks_ipc());
     }
 
     #[test]

@@ -7,13 +7,17 @@
 //! port of each external interface address and relays connections to loopback. When
 //! the loopback listener goes away, the forwarder's listeners close. The relay runs in
 //! guestd itself (no `socat` processes to spawn, place in cgroups and reap).
+//!
+//! Never forwarded, identified by socket inode: sockets guestd itself holds, and the
+//! sockets a kernel listens on for itself (everything it opened before it was ready;
+//! see [`register_kernel`]).
 
 pub mod scan;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -24,39 +28,128 @@ pub use scan::{Family, Listener};
 /// How often listeners are scanned.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Loopback ports guestd's own components listen on (the kernels' ZeroMQ sockets):
-/// never forwarded, since a kernel's iopub socket publishes every execution's output.
-static PRIVATE: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+/// Kernels whose listening sockets are theirs, not the user's (issue 8): a kernel
+/// listens on its connection file's ports and may open more for itself (ipykernel's
+/// IOPub pipe for forked subprocesses is in no connection file), and its iopub socket
+/// publishes every execution's output. The boundary is the kernel's readiness:
+/// whatever the kernel process listens on until then is its infrastructure and never
+/// forwarded; whatever it opens later runs the user's code (a server started in a
+/// cell, in the kernel's own process or in a child) and is forwarded like any other.
+static KERNELS: std::sync::Mutex<BTreeMap<u64, KernelEntry>> =
+    std::sync::Mutex::new(BTreeMap::new());
 
-/// Keeps ports out of forwarding while it lives.
-#[derive(Debug)]
-pub struct PrivatePorts(Vec<u16>);
-
-/// Marks `ports` as private to guestd until the returned guard is dropped.
-pub fn hold_private(ports: &[u16]) -> PrivatePorts {
-    PRIVATE
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .extend(ports.iter().copied());
-    PrivatePorts(ports.to_vec())
+enum KernelEntry {
+    /// Not ready yet: every socket of this process is private.
+    Starting(i32),
+    /// Ready: the sockets it held then are private; later ones are the user's.
+    Ready(BTreeSet<u64>),
 }
 
-impl Drop for PrivatePorts {
-    fn drop(&mut self) {
-        let mut set = PRIVATE.lock().unwrap_or_else(|p| p.into_inner());
-        for p in &self.0 {
-            set.remove(p);
+fn kernels() -> std::sync::MutexGuard<'static, BTreeMap<u64, KernelEntry>> {
+    KERNELS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Keeps a kernel's own listeners out of forwarding while it lives (drop = gone).
+#[derive(Debug)]
+pub struct KernelSockets(u64);
+
+/// Registers kernel process `pid` right after it was spawned (before it can listen
+/// on anything): until [`KernelSockets::ready`], all its sockets are private.
+pub fn register_kernel(pid: i32) -> KernelSockets {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    kernels().insert(id, KernelEntry::Starting(pid));
+    KernelSockets(id)
+}
+
+impl KernelSockets {
+    /// The kernel answered its readiness handshake: the sockets it holds now stay
+    /// private, sockets it opens from now on are forwarded. Returns how many there are.
+    pub fn ready(&self) -> usize {
+        let pid = match kernels().get(&self.0) {
+            Some(KernelEntry::Starting(pid)) => *pid,
+            _ => return 0,
+        };
+        let held = scan::socket_inodes(&pid.to_string());
+        let n = held.len();
+        if let Some(e) = kernels().get_mut(&self.0) {
+            *e = KernelEntry::Ready(held);
         }
+        n
     }
 }
 
-fn private_ports() -> Vec<u16> {
-    PRIVATE
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .copied()
-        .collect()
+impl Drop for KernelSockets {
+    fn drop(&mut self) {
+        kernels().remove(&self.0);
+    }
+}
+
+/// Decides, per socket inode, whether a loopback listener is guestd's or a kernel's
+/// (private) or the user's (forwarded). Decisions are kept while the socket listens:
+/// a socket's owner never changes from infrastructure to user or back.
+#[derive(Default)]
+struct Classifier {
+    decided: HashMap<u64, bool>,
+}
+
+impl Classifier {
+    /// Drops decisions about sockets that no longer listen.
+    fn retain_listening(&mut self, listeners: &[Listener]) {
+        let live: BTreeSet<u64> = listeners.iter().map(|l| l.inode).collect();
+        self.decided.retain(|inode, _| live.contains(inode));
+    }
+
+    /// Whether each of `candidates` is private; `/proc` is read only for sockets not
+    /// decided before, at most once per process per scan.
+    fn private(&mut self, candidates: &[&Listener]) -> Vec<bool> {
+        let mut own: Option<BTreeSet<u64>> = None;
+        let mut starting: Option<BTreeSet<u64>> = None;
+        candidates
+            .iter()
+            .map(|l| {
+                if l.inode == 0 {
+                    // Nothing to identify it by (an unusual /proc): the port decides.
+                    return false;
+                }
+                if let Some(d) = self.decided.get(&l.inode) {
+                    return *d;
+                }
+                let (ready_private, starting_pids) = {
+                    let k = kernels();
+                    let ready = k
+                        .values()
+                        .any(|e| matches!(e, KernelEntry::Ready(held) if held.contains(&l.inode)));
+                    let pids: Vec<i32> = k
+                        .values()
+                        .filter_map(|e| match e {
+                            KernelEntry::Starting(pid) => Some(*pid),
+                            _ => None,
+                        })
+                        .collect();
+                    (ready, pids)
+                };
+                if ready_private {
+                    return true;
+                }
+                let own = own.get_or_insert_with(|| scan::socket_inodes("self"));
+                let private = own.contains(&l.inode)
+                    || (!starting_pids.is_empty()
+                        && starting
+                            .get_or_insert_with(|| {
+                                starting_pids
+                                    .iter()
+                                    .flat_map(|p| scan::socket_inodes(&p.to_string()))
+                                    .collect()
+                            })
+                            .contains(&l.inode));
+                // A starting kernel's socket is decided for good (it is private for
+                // the kernel's life); a socket nobody claims stays the user's.
+                self.decided.insert(l.inode, private);
+                private
+            })
+            .collect()
+    }
 }
 
 /// One forwarded loopback port.
@@ -74,9 +167,11 @@ pub struct Stats {
 }
 
 /// Scans and forwards until `shutdown`. `exclude` lists ports never forwarded (guestd's
-/// own listeners).
+/// configured ports, whoever listens on them); guestd's own sockets and the kernels'
+/// are never forwarded in any case.
 pub async fn run(exclude: Vec<u16>, stats: Arc<Stats>, shutdown: CancellationToken) {
     let mut forwards: HashMap<(Family, u16), Forward> = HashMap::new();
+    let mut classifier = Classifier::default();
     let mut tick = tokio::time::interval(SCAN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -91,9 +186,22 @@ pub async fn run(exclude: Vec<u16>, stats: Arc<Stats>, shutdown: CancellationTok
                 continue;
             }
         };
-        let mut excluded = exclude.clone();
-        excluded.extend(private_ports());
-        let wanted = scan::loopback_only(&listeners, &excluded);
+        classifier.retain_listening(&listeners);
+        let candidates: Vec<&Listener> =
+            scan::loopback_only_listeners(&listeners, &exclude).collect();
+        let private = classifier.private(&candidates);
+        // A port is forwarded when none of its loopback listeners is private (the
+        // relay connects to the port, whichever socket answers).
+        let mut wanted = BTreeSet::new();
+        let mut held = BTreeSet::new();
+        for (l, private) in candidates.iter().zip(private) {
+            if private {
+                held.insert((l.family, l.port));
+            } else {
+                wanted.insert((l.family, l.port));
+            }
+        }
+        let wanted: BTreeSet<(Family, u16)> = wanted.difference(&held).copied().collect();
         let external = external_addresses();
         // Stop forwards whose loopback listener is gone.
         forwards.retain(|key, f| {

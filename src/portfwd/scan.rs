@@ -15,6 +15,9 @@ pub struct Listener {
     pub family: Family,
     pub addr: IpAddr,
     pub port: u16,
+    /// The socket's inode (`socket:[inode]` in its holders' `/proc/<pid>/fd`), 0 when
+    /// the table does not say.
+    pub inode: u64,
 }
 
 const TCP_LISTEN: &str = "0A";
@@ -44,7 +47,14 @@ pub fn parse(text: &str, family: Family) -> Vec<Listener> {
             let (addr_hex, port_hex) = local.split_once(':')?;
             let port = u16::from_str_radix(port_hex, 16).ok()?;
             let addr = parse_addr(addr_hex, family)?;
-            Some(Listener { family, addr, port })
+            // queues, timer, retransmits, uid, timeout, then the inode.
+            let inode = f.nth(5).and_then(|i| i.parse().ok()).unwrap_or(0);
+            Some(Listener {
+                family,
+                addr,
+                port,
+                inode,
+            })
         })
         .collect()
 }
@@ -77,18 +87,48 @@ fn is_loopback(ip: &IpAddr) -> bool {
 /// Ports (per family) bound to a loopback address and not also to the wildcard
 /// address, minus `exclude`. These need a forwarder.
 pub fn loopback_only(listeners: &[Listener], exclude: &[u16]) -> BTreeSet<(Family, u16)> {
+    loopback_only_listeners(listeners, exclude)
+        .map(|l| (l.family, l.port))
+        .collect()
+}
+
+/// The listeners behind [`loopback_only`] (a port may have several: one per loopback
+/// address, or `SO_REUSEPORT` groups).
+pub fn loopback_only_listeners<'a>(
+    listeners: &'a [Listener],
+    exclude: &'a [u16],
+) -> impl Iterator<Item = &'a Listener> + 'a {
     let wildcard: BTreeSet<u16> = listeners
         .iter()
         .filter(|l| l.addr.is_unspecified())
         .map(|l| l.port)
         .collect();
-    listeners
-        .iter()
-        .filter(|l| {
-            is_loopback(&l.addr) && !wildcard.contains(&l.port) && !exclude.contains(&l.port)
-        })
-        .map(|l| (l.family, l.port))
-        .collect()
+    listeners.iter().filter(move |l| {
+        is_loopback(&l.addr) && !wildcard.contains(&l.port) && !exclude.contains(&l.port)
+    })
+}
+
+/// Inodes of the sockets process `pid` holds (`self` for guestd), from the
+/// `socket:[inode]` links in `/proc/<pid>/fd`; empty when the process is gone.
+pub fn socket_inodes(pid: &str) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        if let Ok(target) = std::fs::read_link(entry.path())
+            && let Some(inode) = socket_inode(target.as_os_str().as_encoded_bytes())
+        {
+            out.insert(inode);
+        }
+    }
+    out
+}
+
+/// The inode of a `/proc/<pid>/fd` link that names a socket.
+pub fn socket_inode(link: &[u8]) -> Option<u64> {
+    let n = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    std::str::from_utf8(n).ok()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -117,15 +157,39 @@ mod tests {
             Listener {
                 family: Family::V4,
                 addr: "127.0.0.1".parse().unwrap(),
-                port: 3000
+                port: 3000,
+                inode: 1,
             }
         );
+        assert_eq!(l[1].inode, 2);
         assert_eq!(l[1].addr, "0.0.0.0".parse::<IpAddr>().unwrap());
         assert_eq!(l[1].port, 49999);
         let l6 = parse(TCP6, Family::V6);
         assert_eq!(l6[0].addr, "::1".parse::<IpAddr>().unwrap());
         assert_eq!(l6[0].port, 5000);
         assert_eq!(l6[1].addr, "::ffff:127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(l6[0].inode, 0, "no inode column");
+    }
+
+    #[test]
+    fn socket_links() {
+        assert_eq!(socket_inode(b"socket:[1487617]"), Some(1487617));
+        assert_eq!(socket_inode(b"pipe:[1487617]"), None);
+        assert_eq!(socket_inode(b"socket:[x]"), None);
+        assert_eq!(socket_inode(b"/dev/null"), None);
+    }
+
+    #[test]
+    fn own_sockets_are_found() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mine = socket_inodes("self");
+        let listed = listeners()
+            .unwrap()
+            .into_iter()
+            .find(|x| x.port == port && x.addr.is_loopback())
+            .expect("our listener is in /proc/net/tcp");
+        assert!(listed.inode != 0 && mine.contains(&listed.inode));
     }
 
     #[test]

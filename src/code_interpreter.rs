@@ -30,7 +30,7 @@ use crate::kernel::{
 use crate::server::Handler;
 use crate::transport::{Body, BoxError, full_body};
 
-mod ndjson;
+pub mod ndjson;
 pub use ndjson::encode_line;
 
 /// Silence after which a `keepalive` line is written.

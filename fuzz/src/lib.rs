@@ -15,6 +15,7 @@ pub mod interpreter_http;
 pub mod jupyter_wire;
 pub mod kernel_spec;
 pub mod multipart;
+pub mod ndjson_escape;
 pub mod paths;
 pub mod proc_text;
 pub mod rpc_call;

@@ -721,6 +721,27 @@ async fn sweep_ended(shared: Weak<Shared>) {
     }
 }
 
+thread_local! {
+    /// The read buffer of every output reader on this thread: a process waiting for
+    /// output holds none (a thousand live processes held 32 KiB each before).
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One read of at most `cap` bytes: `None` at EOF, else an exact-size copy (the log
+/// accounts for chunk lengths, not capacities).
+fn read_chunk(fd: &OwnedFd, cap: usize) -> io::Result<Option<Bytes>> {
+    READ_BUF.with(|b| {
+        let mut buf = b.borrow_mut();
+        if buf.len() < cap {
+            buf.resize(cap, 0);
+        }
+        match nix::unistd::read(fd, &mut buf[..cap]).map_err(io::Error::from)? {
+            0 => Ok(None),
+            n => Ok(Some(Bytes::copy_from_slice(&buf[..n]))),
+        }
+    })
+}
+
 /// Reads one stream until EOF (EIO on a PTY master is the normal end), publishing each
 /// read as its own chunk.
 async fn read_loop(
@@ -731,7 +752,6 @@ async fn read_loop(
     pid: u32,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut buf = vec![0u8; cap];
     'wait: loop {
         let mut guard = tokio::select! {
             biased;
@@ -750,14 +770,10 @@ async fn read_loop(
             if *stop.borrow() {
                 break 'wait;
             }
-            let r = guard.try_io(|inner| {
-                nix::unistd::read(inner.get_ref(), &mut buf).map_err(io::Error::from)
-            });
+            let r = guard.try_io(|inner| read_chunk(inner.get_ref(), cap));
             match r {
-                Ok(Ok(0)) => break 'wait,
-                // Each chunk gets its own exact-size copy: the buffer is reused, and the
-                // log accounts for chunk lengths, not capacities.
-                Ok(Ok(n)) => hub.append(kind, Bytes::copy_from_slice(&buf[..n])).await,
+                Ok(Ok(None)) => break 'wait,
+                Ok(Ok(Some(chunk))) => hub.append(kind, chunk).await,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) if kind == OutputKind::Pty && e.raw_os_error() == Some(libc::EIO) => {
                     break 'wait;

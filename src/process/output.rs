@@ -6,7 +6,8 @@
 //!   offsets (all streams combined, in publish order) mean the same for everyone.
 //! * **Paced by the fastest reader.** Before the next chunk is read from the child, the
 //!   publisher waits while *every* attached subscriber is at least
-//!   [`OutputPolicy::pace_bytes`] behind — like a pipe whose reader is the quickest
+//!   a pace window behind ([`OutputPolicy::pace_bytes`], less when many processes run:
+//!   `OutputPolicy::pace_window`) — like a pipe whose reader is the quickest
 //!   client, so no live subscriber that keeps reading loses a byte — but it waits at most
 //!   [`OutputPolicy::stall_timeout`] without any subscriber making progress; after that
 //!   the process runs free until one reads again. A slow subscriber therefore never
@@ -42,6 +43,9 @@ use super::{Event, ExitInfo, OutputKind};
 
 /// The smallest replay share a live process keeps, however many processes run.
 const MIN_REPLAY_SHARE: usize = 64 * 1024;
+
+/// The smallest pace window a live process gets, however many processes run.
+const MIN_PACE_WINDOW: usize = 32 * 1024;
 
 /// Appended bytes that wake the subscribers even before the reader drains the pipe (a
 /// writer faster than guestd never lets the pipe run dry).
@@ -107,6 +111,18 @@ impl OutputPolicy {
         (self.replay_budget / n)
             .max(MIN_REPLAY_SHARE)
             .min(self.replay_bytes)
+    }
+
+    /// How far the fastest subscriber may fall behind before the process waits:
+    /// [`OutputPolicy::pace_bytes`], but shrinking like the replay cap so that all live
+    /// processes together read ahead of their clients by about the replay budget
+    /// (never under 32 KiB each: a thousand streaming processes would otherwise hold a
+    /// full window each, 256 MiB at the defaults).
+    fn pace_window(&self) -> u64 {
+        let n = self.live.load(Ordering::Relaxed).max(1);
+        (self.replay_budget / n)
+            .max(MIN_PACE_WINDOW)
+            .min(self.pace_bytes) as u64
     }
 
     /// Live processes (for tests).
@@ -438,7 +454,7 @@ impl Hub {
     fn must_wait_locked(&self, st: &HubState) -> bool {
         let next = st.log.next_offset();
         let closest = st.subs.iter().map(|s| next - s.cursor).min();
-        closest.is_some_and(|lag| lag >= self.policy.pace_bytes as u64)
+        closest.is_some_and(|lag| lag >= self.policy.pace_window())
             && st.stalled_at != Some(st.reads)
     }
 
@@ -481,7 +497,7 @@ impl Hub {
             // Wake a waiting publisher only once this reader is half a window behind,
             // so it appends a batch per wakeup instead of ping-ponging chunk by chunk.
             if st.publisher_waiting
-                && st.log.next_offset() - new_cursor <= (self.policy.pace_bytes / 2) as u64
+                && st.log.next_offset() - new_cursor <= self.policy.pace_window() / 2
             {
                 self.progress.notify_one();
             }
@@ -626,6 +642,30 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pace_window_is_shared_out_when_many_processes_run() {
+        let p = OutputPolicy::new(
+            1 << 20,
+            4 << 20,
+            256 << 10,
+            4 << 20,
+            Duration::from_millis(100),
+        );
+        let mut hubs = vec![Hub::new(p.clone())];
+        assert_eq!(p.pace_window(), 256 << 10, "one process: the full window");
+        hubs.extend((1..16).map(|_| Hub::new(p.clone())));
+        assert_eq!(
+            p.pace_window(),
+            256 << 10,
+            "16 × 256 KiB fit the 4 MiB budget"
+        );
+        hubs.extend((16..64).map(|_| Hub::new(p.clone())));
+        assert_eq!(p.pace_window(), 64 << 10, "64 processes share 4 MiB");
+        hubs.extend((64..1000).map(|_| Hub::new(p.clone())));
+        assert_eq!(p.pace_window(), 32 << 10, "never under 32 KiB");
+        drop(hubs);
+    }
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())

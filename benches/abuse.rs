@@ -166,6 +166,19 @@ fn main() {
         "killed after the storm: {} commands ended; storm phase took {storm_s:.1} s",
         s.killed_ends.len()
     );
+    if let Some(at) = s.hog_end_at {
+        println!("memory hog ended {:.2} s into the storm", at.as_secs_f64());
+    }
+    for (at, r) in s.start_at.iter().zip(&s.starts) {
+        match r {
+            Ok(d) if *d >= Duration::from_millis(200) => println!(
+                "slow Start(/bin/true): sent {:.2} s into the storm, took {:.0} ms",
+                at.as_secs_f64(),
+                ms(*d)
+            ),
+            _ => {}
+        }
+    }
     let errors: Vec<_> = s.starts.iter().filter_map(|r| r.as_ref().err()).collect();
     if !errors.is_empty() {
         println!("Start errors: {errors:?}");

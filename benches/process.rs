@@ -2,8 +2,10 @@
 //!
 //! * `Start(/bin/true)` → `end` round trip over Connect JSON, Connect proto and gRPC,
 //!   against a bare spawn-and-wait of `/bin/true` from this process;
-//! * 1 GiB of a process's stdout streamed to a client (Connect proto), against a plain
-//!   pipe copy of the same command's output into this process;
+//! * 1 GiB of a process's stdout streamed to a client (Connect proto and JSON), against
+//!   a plain pipe copy of the same command's output into this process;
+//! * where a command's cgroup placement goes: the leaves made and the moves into each
+//!   hierarchy guestd placed a command in, done by the bench on a sleeping process;
 //! * guestd's RSS (current and peak) after the runs.
 //!
 //! Run: `cargo bench --bench process` (optionally `-- <iterations>`).
@@ -201,51 +203,204 @@ fn main() {
         );
     }
 
-    // 1 GiB through a plain pipe vs through guestd.
+    // 1 GiB through a plain pipe vs through guestd (median of three, interleaved).
     const GIB: usize = 1 << 30;
     let cmd = ["-c", "1073741824", "/dev/zero"];
-    let t = Instant::now();
-    let mut child = std::process::Command::new("head")
-        .args(cmd)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("head");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut buf = vec![0u8; 1 << 16];
-    let mut n = 0;
-    loop {
-        let r = out.read(&mut buf).expect("read");
-        if r == 0 {
-            break;
+    let (mut pipe_t, mut proto_t, mut json_t) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut child = std::process::Command::new("head")
+            .args(cmd)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("head");
+        let mut out = child.stdout.take().expect("stdout");
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0;
+        loop {
+            let r = out.read(&mut buf).expect("read");
+            if r == 0 {
+                break;
+            }
+            n += r;
         }
-        n += r;
-    }
-    child.wait().expect("wait");
-    let pipe_s = t.elapsed().as_secs_f64();
-    assert_eq!(n, GIB);
+        child.wait().expect("wait");
+        pipe_t.push(t.elapsed());
+        assert_eq!(n, GIB);
 
-    let t = Instant::now();
-    let got = rt.block_on(connect_run(&client, Codec::Proto, &start_req("head", &cmd)));
-    let guestd_s = t.elapsed().as_secs_f64();
-    assert_eq!(got, GIB);
+        for (codec, v) in [(Codec::Proto, &mut proto_t), (Codec::Json, &mut json_t)] {
+            let t = Instant::now();
+            let got = rt.block_on(connect_run(&client, codec, &start_req("head", &cmd)));
+            v.push(t.elapsed());
+            assert_eq!(got, GIB);
+        }
+    }
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64()
+    };
+    let pipe_s = median(pipe_t);
     let mbps = |s: f64| GIB as f64 / s / 1e6;
-    println!("\n## 1 GiB of stdout\n");
-    println!("| path | seconds | MB/s | ratio to pipe |");
+    println!("\n## 1 GiB of stdout (median of 3)\n");
+    println!("| path | seconds | MB/s | throughput / pipe |");
     println!("|---|---:|---:|---:|");
     println!(
         "| plain pipe copy (floor) | {pipe_s:.2} | {:.0} | 1.00 |",
         mbps(pipe_s)
     );
-    println!(
-        "| guestd Start stream, Connect proto | {guestd_s:.2} | {:.0} | {:.2} |",
-        mbps(guestd_s),
-        guestd_s / pipe_s
-    );
+    for (name, v) in [("Connect proto", proto_t), ("Connect JSON", json_t)] {
+        let s = median(v);
+        println!(
+            "| guestd Start stream, {name} | {s:.2} | {:.0} | {:.2} |",
+            mbps(s),
+            pipe_s / s
+        );
+    }
+
+    cgroup_costs(&rt, &client, iterations.min(200));
 
     let (rss, hwm) = rss_kib(g.pid());
     println!("\n## guestd memory\n");
     println!(
         "RSS after the runs: {} KiB; peak RSS (VmHWM): {} KiB",
         rss, hwm
+    );
+}
+
+/// Where a command's cgroup placement goes: the kernel work guestd does for every
+/// `Start` (a leaf made in each leaf hierarchy, the child moved into each), done here
+/// on a sleeping process in the same hierarchies, timed step by step.
+fn cgroup_costs(rt: &tokio::runtime::Runtime, client: &common::Client, n: usize) {
+    // Where guestd puts a command: its own /proc/self/cgroup.
+    let mut s = rt.block_on(client.server_stream(
+        Codec::Json,
+        "/process.Process/Start",
+        &start_req("cat", &["/proc/self/cgroup"]),
+        &[],
+    ));
+    let run = rt.block_on(common::collect(&mut s));
+    let placed = String::from_utf8_lossy(&run.stdout).into_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // (mount point, fs type, super options) of every cgroup mount.
+    let cg_mounts: Vec<(String, String, String)> = mounts
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mnt = pre.split_whitespace().nth(4)?.to_string();
+            let mut post = post.split_whitespace();
+            let fstype = post.next()?.to_string();
+            let opts = post.nth(1).unwrap_or("").to_string();
+            fstype.starts_with("cgroup").then_some((mnt, fstype, opts))
+        })
+        .collect();
+    // Directories guestd's child joined (path within its hierarchy's mount).
+    let mut joined = Vec::new();
+    for line in placed.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(_), Some(ctrl), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let mount = cg_mounts.iter().find(|(_, t, o)| {
+            if ctrl.is_empty() {
+                t == "cgroup2"
+            } else {
+                t == "cgroup" && ctrl.split(',').all(|c| o.split(',').any(|x| x == c))
+            }
+        });
+        let Some((mnt, _, _)) = mount else { continue };
+        let dir = std::path::PathBuf::from(format!("{mnt}{path}"));
+        // Only what guestd placed the command in (its user group or a leaf of it).
+        if path.contains("/guestd-user") || path.contains("/user/") || path.ends_with("/user") {
+            joined.push(dir);
+        }
+    }
+    if joined.is_empty() {
+        println!(
+            "\n## cgroup placement\n\nguestd placed commands in no cgroup of its own (cgroups off or unavailable)."
+        );
+        return;
+    }
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("1000")
+        .spawn()
+        .expect("sleep");
+    let pid = sleeper.id().to_string();
+    let home: Vec<std::path::PathBuf> = std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.splitn(3, ':');
+            let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+            let (mnt, _, _) = cg_mounts.iter().find(|(_, t, o)| {
+                if ctrl.is_empty() {
+                    t == "cgroup2"
+                } else {
+                    t == "cgroup" && ctrl.split(',').all(|c| o.split(',').any(|x| x == c))
+                }
+            })?;
+            Some(std::path::PathBuf::from(format!("{mnt}{path}")))
+        })
+        .collect();
+    let mut mkdir_t = Vec::new();
+    let mut moves: Vec<Vec<Duration>> = vec![Vec::new(); joined.len()];
+    let mut total = Vec::new();
+    for i in 0..n {
+        let t0 = Instant::now();
+        let mut targets = Vec::new();
+        let t = Instant::now();
+        for d in &joined {
+            let is_leaf = d
+                .file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with("cmd-"));
+            if is_leaf {
+                let leaf = d.with_file_name(format!("bench-{}-{i}", std::process::id()));
+                std::fs::create_dir(&leaf).expect("mkdir leaf");
+                targets.push((leaf, true));
+            } else {
+                targets.push((d.clone(), false));
+            }
+        }
+        mkdir_t.push(t.elapsed());
+        for (k, (dir, _)) in targets.iter().enumerate() {
+            let t = Instant::now();
+            std::fs::write(dir.join("cgroup.procs"), &pid).expect("join");
+            moves[k].push(t.elapsed());
+        }
+        total.push(t0.elapsed());
+        // Back home (untimed), then remove the leaves.
+        for h in &home {
+            let _ = std::fs::write(h.join("cgroup.procs"), &pid);
+        }
+        for (dir, leaf) in &targets {
+            if *leaf {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    println!("\n## cgroup placement per command ({n} times, a sleeping process)\n");
+    println!("| step | median µs | p99 µs |");
+    println!("|---|---:|---:|");
+    let m = stats(mkdir_t);
+    println!(
+        "| mkdir of the leaves | {:.0} | {:.0} |",
+        us(m.median),
+        us(m.p99)
+    );
+    for (k, v) in moves.into_iter().enumerate() {
+        let s = stats(v);
+        println!(
+            "| move into {} | {:.0} | {:.0} |",
+            joined[k].display(),
+            us(s.median),
+            us(s.p99)
+        );
+    }
+    let t = stats(total);
+    println!(
+        "| **all of it** | **{:.0}** | {:.0} |",
+        us(t.median),
+        us(t.p99)
     );
 }

@@ -25,7 +25,8 @@ enum Kind {
     V2,
     V1Pids,
     V1Memory,
-    /// v1 `cpu`: only the group (a weight for all user work together), no leaves.
+    /// v1 `cpu`: the group carries the weight of all user work together; each command
+    /// gets a leaf, so commands share the group fairly however many processes each runs.
     V1Cpu,
     /// v1 `blkio`: only the group, no leaves.
     V1Blkio,
@@ -290,6 +291,12 @@ impl Cgroups {
                     // Leaves need the memory controller for their own memory.events.
                     let v2_memory =
                         v2_has.1 && write(&group.join("cgroup.subtree_control"), "+memory").is_ok();
+                    // And the cpu controller to be scheduled as one entity each: a fork
+                    // bomb in one command gets the share of one command, not of its
+                    // every process, against the others (and against a `kill`).
+                    if group_has.split_whitespace().any(|x| x == "cpu") {
+                        let _ = write(&group.join("cgroup.subtree_control"), "+cpu");
+                    }
                     if v2_has.0 {
                         apply(&group.join("pids.max"), limits.pids_max);
                     }
@@ -357,8 +364,8 @@ impl Cgroups {
                 Err(e) => tracing::warn!(error = %e, "cgroup v1 memory is not writable"),
             }
         }
-        // Weights: the group only (user work as a whole against the agent), joined by
-        // every command next to its leaves.
+        // Weights on the group (user work as a whole against the agent); commands get
+        // a cpu leaf each (like pids and memory), blkio is joined as the group itself.
         let v1_weights = [
             (
                 !v2_weights.0,
@@ -440,8 +447,8 @@ impl Cgroups {
         let mut dirs = Vec::new();
         let mut procs = Vec::new();
         for h in &self.hiers {
-            if matches!(h.kind, Kind::V1Cpu | Kind::V1Blkio) {
-                // Group-only hierarchies: the command joins the group itself.
+            if h.kind == Kind::V1Blkio {
+                // A group-only hierarchy: the command joins the group itself.
                 if let Ok(c) = CString::new(h.group.join("cgroup.procs").as_os_str().as_bytes()) {
                     procs.push(c);
                 }

@@ -19,8 +19,11 @@ pub struct Storm {
     pub health: Vec<Option<Duration>>,
     /// Latency of each `Start(/bin/true)` to its end; `Err`: what went wrong.
     pub starts: Vec<Result<Duration, String>>,
-    /// The memory hog's end.
+    /// When each `Start(/bin/true)` was sent, from the start of the storm.
+    pub start_at: Vec<Duration>,
+    /// The memory hog's end, and when it came (from the start of the storm).
     pub hog_end: Option<pb::process_event::EndEvent>,
+    pub hog_end_at: Option<Duration>,
     /// The fork bomb's end after SIGKILL, and the CPU hogs'.
     pub killed_ends: Vec<pb::process_event::EndEvent>,
 }
@@ -100,8 +103,12 @@ pub async fn storm(base: &str, user: &str, cpus: usize, secs: u64) -> Storm {
         "exec python3 -c 'x = []\nwhile True: x.append(bytearray(16 << 20))'",
         "memhog",
     );
+    let began = Instant::now();
     let mut memhog = start(&c, &hog, &auth).await;
-    let hog_end = tokio::spawn(async move { end_of(&mut memhog).await });
+    let hog_end = tokio::spawn(async move {
+        let e = end_of(&mut memhog).await;
+        (e, began.elapsed())
+    });
 
     let until = Instant::now() + Duration::from_secs(secs);
     let mut n = 0u64;
@@ -118,6 +125,7 @@ pub async fn storm(base: &str, user: &str, cpus: usize, secs: u64) -> Storm {
         });
         if n.is_multiple_of(5) {
             let t = Instant::now();
+            out.start_at.push(began.elapsed());
             let r = tokio::time::timeout(Duration::from_secs(30), async {
                 let mut s = start(&c, &req("exec /bin/true", "true"), &auth).await;
                 end_of(&mut s).await
@@ -133,11 +141,10 @@ pub async fn storm(base: &str, user: &str, cpus: usize, secs: u64) -> Storm {
         n += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    out.hog_end = tokio::time::timeout(Duration::from_secs(120), hog_end)
-        .await
-        .ok()
-        .and_then(|r| r.ok())
-        .and_then(|r| r.ok());
+    if let Ok(Ok((Ok(e), at))) = tokio::time::timeout(Duration::from_secs(120), hog_end).await {
+        out.hog_end = Some(e);
+        out.hog_end_at = Some(at);
+    }
 
     kill(&c, "bomb").await;
     for i in 0..cpus {

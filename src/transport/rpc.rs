@@ -535,6 +535,36 @@ pub fn decode<T: RpcMessage>(codec: Codec, raw: &[u8]) -> Result<T, RpcError> {
     }
 }
 
+/// Encodes one stream message in the given codec straight into its envelope (one
+/// buffer: process output is copied once here, not once to encode and again to frame).
+fn encode_enveloped<T: RpcMessage>(codec: Codec, msg: &T) -> Result<Bytes, RpcError> {
+    use bytes::{BufMut as _, BytesMut};
+    let too_big = || RpcError::internal("encoding the response failed: message over 4 GiB");
+    match codec {
+        Codec::Proto => {
+            let len = msg.encoded_len();
+            let len32 = u32::try_from(len).map_err(|_| too_big())?;
+            let mut out = BytesMut::with_capacity(5 + len);
+            out.put_u8(0);
+            out.put_u32(len32);
+            msg.encode(&mut out)
+                .map_err(|e| RpcError::internal(format!("encoding the response failed: {e}")))?;
+            Ok(out.freeze())
+        }
+        Codec::Json => {
+            // Bytes fields are base64 in JSON: about 4/3 of their proto size.
+            let mut w = BytesMut::with_capacity(5 + msg.encoded_len() / 3 * 4 + 128).writer();
+            w.get_mut().put_slice(&[0; 5]);
+            serde_json::to_writer(&mut w, msg)
+                .map_err(|e| RpcError::internal(format!("encoding the response failed: {e}")))?;
+            let mut out = w.into_inner();
+            let len32 = u32::try_from(out.len() - 5).map_err(|_| too_big())?;
+            out[1..5].copy_from_slice(&len32.to_be_bytes());
+            Ok(out.freeze())
+        }
+    }
+}
+
 /// Encodes one message in the given codec.
 pub fn encode<T: RpcMessage>(codec: Codec, msg: &T) -> Result<Bytes, RpcError> {
     match codec {
@@ -662,8 +692,8 @@ fn connect_stream_response<T: RpcMessage>(
     deadline: Option<Instant>,
 ) -> Response<Body> {
     let frames = EncodedStream::new(stream, deadline, move |item| match item {
-        Item::Message(m) => match encode(codec, &m) {
-            Ok(bytes) => Step::Continue(Frame::data(envelope::encode(0, &bytes))),
+        Item::Message(m) => match encode_enveloped(codec, &m) {
+            Ok(frame) => Step::Continue(Frame::data(frame)),
             Err(e) => Step::Last(Frame::data(envelope::encode(
                 FLAG_END_STREAM,
                 &end_of_stream_json(Some(&e)),
@@ -685,8 +715,8 @@ fn grpc_response<T: RpcMessage>(
     deadline: Option<Instant>,
 ) -> Response<Body> {
     let frames = EncodedStream::new(stream, deadline, move |item| match item {
-        Item::Message(m) => match encode(codec, &m) {
-            Ok(bytes) => Step::Continue(Frame::data(envelope::encode(0, &bytes))),
+        Item::Message(m) => match encode_enveloped(codec, &m) {
+            Ok(frame) => Step::Continue(Frame::data(frame)),
             Err(e) => {
                 let mut t = HeaderMap::new();
                 grpc_status_headers(&mut t, Some(&e));
@@ -787,6 +817,29 @@ mod tests {
             h.insert(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn enveloped_encoding_is_the_envelope_of_the_encoding() {
+        use crate::proto::process as pb;
+        let data = |n: usize| pb::StartResponse {
+            event: Some(pb::ProcessEvent {
+                event: Some(pb::process_event::Event::Data(
+                    pb::process_event::DataEvent {
+                        output: Some(pb::process_event::data_event::Output::Stdout(Bytes::from(
+                            (0..n).map(|i| (i * 7) as u8).collect::<Vec<u8>>(),
+                        ))),
+                    },
+                )),
+            }),
+        };
+        for n in [0, 1, 2, 3, 100, 32 * 1024, 100_000] {
+            for codec in [Codec::Proto, Codec::Json] {
+                let m = data(n);
+                let two_step = envelope::encode(0, &encode(codec, &m).unwrap());
+                assert_eq!(encode_enveloped(codec, &m).unwrap(), two_step, "{n} bytes");
+            }
+        }
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //!    `<clients>` at a time, each output compared with the expected bytes.
 //! 4. The same commands through guestd: `<clients>` concurrent Connect JSON clients,
 //!    each output compared; errors and lost bytes counted.
-//! 5. guestd's RSS after a 5 s settle (retained ended processes included), against the
-//!    idle figure.
+//! 5. guestd's RSS after a 5 s settle (retained ended processes included) and 35 s after
+//!    (the exit retention over), against the idle figure.
 //!
 //! Run: `cargo bench --bench load -- [commands] [clients]` (defaults 20000 200);
 //! `GUESTD_BENCH_ARGS` adds guestd flags.
@@ -197,6 +197,9 @@ fn main() {
     let (peak_after_load, hwm) = rss_kib(pid);
     std::thread::sleep(Duration::from_secs(5));
     let (settled, _) = rss_kib(pid);
+    // Past the exit retention (30 s): every ended process is gone.
+    std::thread::sleep(Duration::from_secs(30));
+    let (expired, _) = rss_kib(pid);
 
     println!("## Load: {commands} × `seq 1 20000` from {clients} concurrent clients\n");
     println!("| path | seconds | commands/s | ratio to floor (time) |");
@@ -235,6 +238,11 @@ fn main() {
         "| 5 s after the load | {:.1} | {:.1} |",
         mib(settled),
         mib(settled) - mib(idle)
+    );
+    println!(
+        "| 35 s after the load (exit retention over) | {:.1} | {:.1} |",
+        mib(expired),
+        mib(expired) - mib(idle)
     );
     println!("\npeak RSS (VmHWM): {:.1} MiB", mib(hwm));
 }

@@ -1432,3 +1432,82 @@ async fn kernel_death_reports_exit_status() {
     assert!(tb.contains("exited (exit code 3)"), "{out:?}");
     assert!(tb.contains("state is lost"), "{out:?}");
 }
+
+/// Live (not zombie) processes whose parent is `ppid` and whose command line contains
+/// `needle`.
+fn live_children_with(ppid: i32, needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if !process_is_live(pid) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+        let parent: i32 = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if parent == ppid && String::from_utf8_lossy(&cmd).contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn process_is_live(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        let after = &s[s.rfind(')').map_or(0, |i| i + 2)..];
+        !after.starts_with('Z') && !after.starts_with('X')
+    })
+}
+
+/// A guestd that was SIGKILLed leaves its kernels running (nothing can reach them: their
+/// keys were in its memory); the next guestd kills them and removes their files, and
+/// leaves the kernels of a guestd that still runs alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernels_of_a_killed_guestd_are_reaped_by_the_next() {
+    let bystander = start_server_process().await;
+    let killed = start_server_process().await;
+    let orphans = live_children_with(killed.pid, "ipykernel");
+    assert!(!orphans.is_empty(), "the killed guestd's Python kernel");
+    let kept = live_children_with(bystander.pid, "ipykernel");
+    assert!(!kept.is_empty(), "the other guestd's Python kernel");
+    // SAFETY: kill takes no pointers.
+    unsafe { libc::kill(killed.pid, libc::SIGKILL) };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        orphans.iter().all(|p| process_is_live(*p)),
+        "the kernels outlive a SIGKILLed guestd (what this test is about)"
+    );
+    let next = start_server_process().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while orphans.iter().any(|p| process_is_live(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "the next guestd left the dead one's kernels running: {orphans:?}; log: {}",
+            next.log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        kept.iter().all(|p| process_is_live(*p)),
+        "a live guestd's kernels were killed"
+    );
+    let log = std::fs::read_to_string(&next.log).unwrap_or_default();
+    assert!(
+        log.contains("killed kernels a previous guestd left running"),
+        "{log}"
+    );
+    // Its own kernels answer.
+    let lines = run(next.code_port, json!({"code": "print(6 * 7)"})).await;
+    assert_eq!(stdout_text(&lines), "42\n", "{lines:?}");
+    bystander.terminate();
+    next.terminate();
+}

@@ -230,6 +230,78 @@ fn ipc_allowed() -> bool {
     })
 }
 
+/// Kernels a dead guestd left behind: their connection files (and IPC sockets) in the
+/// runtime directory carry that guestd's pid. A guestd that was SIGKILLed or crashed
+/// leaves its kernels running, unreachable (their keys were in its memory) and holding
+/// memory; each new guestd SIGKILLs the process groups of kernels whose guestd is gone
+/// and removes their files. Files of a live guestd (another instance sharing the
+/// directory) are left alone. Returns how many kernel processes were killed.
+pub fn reap_stale_kernels() -> usize {
+    let Ok(dir) = runtime_dir() else { return 0 };
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    let alive = |pid: u32| pid == me || Path::new(&format!("/proc/{pid}")).exists();
+    let mut stale_files = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let owner = name
+            .strip_prefix("kernel-")
+            .or_else(|| name.strip_prefix("k-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = owner
+            && !alive(pid)
+        {
+            stale_files.push(e.path());
+        }
+    }
+    if stale_files.is_empty() {
+        return 0;
+    }
+    // Kernels are started with their connection file's path on the command line.
+    let conn_files: Vec<String> = stale_files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let mut killed = 0;
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for e in procs.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let stale = cmdline
+                .split(|b| *b == 0)
+                .any(|arg| conn_files.iter().any(|f| arg == f.as_bytes()));
+            if stale {
+                // The kernel leads its own process group (D5): its children go too.
+                let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid)));
+                let target = match pgid {
+                    Ok(g) if g.as_raw() == pid => nix::unistd::Pid::from_raw(-pid),
+                    _ => nix::unistd::Pid::from_raw(pid),
+                };
+                if nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                    killed += 1;
+                }
+            }
+        }
+    }
+    for f in &stale_files {
+        let _ = std::fs::remove_file(f);
+    }
+    tracing::warn!(
+        kernels = killed,
+        files = stale_files.len(),
+        "killed kernels a previous guestd left running"
+    );
+    killed
+}
+
 /// Directory for connection files and IPC sockets (private to guestd: mode 0700).
 fn runtime_dir() -> std::io::Result<PathBuf> {
     let candidates = [
@@ -332,9 +404,12 @@ impl Kernel {
         );
         let dir = runtime_dir().map_err(|e| KernelError::start_io("no runtime directory", &e))?;
         let file_id = uuid::Uuid::new_v4().simple().to_string();
-        let conn_file = dir.join(format!("kernel-{}-{file_id}.json", p.label));
+        // guestd's pid leads both names: a later guestd finds what a dead one left
+        // (reap_stale_kernels).
+        let me = std::process::id();
+        let conn_file = dir.join(format!("kernel-{me}-{}-{file_id}.json", p.label));
         let ipc = (p.spec.speaks_ipc() && ipc_allowed())
-            .then(|| Ports::ipc(dir.join(format!("k-{}", &file_id[..16]))))
+            .then(|| Ports::ipc(dir.join(format!("k-{me}-{}", &file_id[..16]))))
             .flatten();
         let ports = match ipc {
             Some(p) => p,

@@ -129,6 +129,8 @@ pub async fn start(
         tracing::info!("kernel bridge disabled");
         return Ok(None);
     }
+    // Off the runtime: it reads /proc.
+    let _ = tokio::task::spawn_blocking(instance::reap_stale_kernels).await;
     let mut opts = KernelOptions::from_config(config);
     opts.cgroups = cgroups;
     let mgr = Arc::new(KernelManager::new(opts, env));

@@ -80,7 +80,12 @@ async fn kill(c: &Client, tag: &str) {
             format!(r#"{{"process":{{"tag":"{tag}"}},"signal":"SIGNAL_SIGKILL"}}"#),
         )
         .await;
-    assert_eq!(st, StatusCode::OK, "kill {tag}: {body:?}");
+    // A command the group's OOM killer already chose (the bomb's shells fill the memory
+    // limit too, and a CPU hog's shell is as big as theirs) has ended: not_found. Its
+    // end is still checked by the caller.
+    let ended =
+        st == StatusCode::NOT_FOUND && String::from_utf8_lossy(&body).contains("\"not_found\"");
+    assert!(st == StatusCode::OK || ended, "kill {tag}: {st} {body:?}");
 }
 
 /// Runs the storm for `secs` seconds as `user` against the guestd at `base`.

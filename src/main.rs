@@ -35,7 +35,14 @@ fn main() -> anyhow::Result<()> {
     guestd::sys::memory::tune_allocator();
     // Before any thread exists: threads inherit the nice value.
     match guestd::sys::priority::set_own(cli.agent_nice) {
-        Ok(()) => tracing::info!(nice = cli.agent_nice, "agent priority set"),
+        Ok(guestd::sys::priority::Applied::Set) => {
+            tracing::info!(nice = cli.agent_nice, "agent priority set")
+        }
+        Ok(guestd::sys::priority::Applied::AlreadyHigher(n)) => tracing::info!(
+            nice = n,
+            asked = cli.agent_nice,
+            "guestd already runs at a higher priority; kept"
+        ),
         Err(e) => tracing::warn!(
             nice = cli.agent_nice,
             error = %e,

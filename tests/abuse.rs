@@ -446,3 +446,38 @@ async fn the_agent_keeps_priority_over_its_commands() {
     assert_eq!(score, "100");
     assert_eq!(nice_of(stat), 0, "commands run at nice 0");
 }
+
+/// A higher priority than `--agent-nice` given by the service manager (the systemd
+/// unit's `Nice=-20`) is kept, not lowered to −10; commands still run at nice 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_priority_from_the_service_manager_is_kept() {
+    if !cap(23) {
+        // Without CAP_SYS_NICE `nice -n -15` itself cannot run; the other test covers
+        // the unprivileged case.
+        assert!(
+            std::process::Command::new("nice")
+                .args(["-n", "-15", "true"])
+                .status()
+                .map(|s| !s.success())
+                .unwrap_or(true),
+            "nice -n -15 worked without CAP_SYS_NICE"
+        );
+        return;
+    }
+    let g = Guestd::start_wrapped(&["nice", "-n", "-15"], &[]);
+    let pid = g.pid();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(t.path().join("stat")).expect("task stat");
+        assert_eq!(nice_of(&stat), -15, "thread {:?}", t.file_name());
+    }
+    let r = run(
+        &g.client(),
+        &start_req("/bin/sh", &["-c", "cat /proc/self/stat"], false),
+    )
+    .await;
+    let stat = String::from_utf8(r.stdout).expect("utf-8");
+    assert_eq!(nice_of(&stat), 0, "commands run at nice 0");
+}

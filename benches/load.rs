@@ -22,40 +22,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::bench::{mib, rss_kib, start_req};
 use common::{Codec, Guestd};
 use guestd::proto::process as pb;
 use tokio::io::AsyncReadExt as _;
-
-fn start_req(cmd: &str, args: &[&str]) -> pb::StartRequest {
-    pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: cmd.into(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            envs: Default::default(),
-            cwd: None,
-        }),
-        pty: None,
-        tag: None,
-        stdin: Some(false),
-    }
-}
-
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
 
 #[derive(Default)]
 struct Tally {

@@ -15,6 +15,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::bench::mib;
+
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,10 +44,6 @@ fn rss(pid: u32) -> Rss {
         anon: field("RssAnon:"),
         file: field("RssFile:") + field("RssShmem:"),
     }
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 /// Status line of `GET /health` on `port`, if it answers.

@@ -18,6 +18,7 @@ mod common;
 use std::io::Read as _;
 use std::time::{Duration, Instant};
 
+use common::bench::{rss_kib, start_req};
 use common::{Codec, Guestd};
 use guestd::proto::process as pb;
 
@@ -42,20 +43,6 @@ fn stats(mut v: Vec<Duration>) -> Stats {
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-fn start_req(cmd: &str, args: &[&str]) -> pb::StartRequest {
-    pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: cmd.into(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            envs: Default::default(),
-            cwd: None,
-        }),
-        pty: None,
-        tag: None,
-        stdin: Some(false),
-    }
 }
 
 /// Runs one Start over Connect and returns when the end event arrived; returns the
@@ -102,19 +89,6 @@ async fn grpc_run(c: &mut grpc::process_client::ProcessClient<tonic::transport::
     };
     let mut s = c.start(req).await.expect("start").into_inner();
     while s.message().await.expect("stream").is_some() {}
-}
-
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 fn main() {

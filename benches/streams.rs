@@ -25,48 +25,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::bench::{mib, rss_kib, start_req};
+use common::storm::quantile;
 use common::{Codec, Guestd};
 use guestd::proto::process as pb;
 use tokio::io::AsyncReadExt as _;
 
 const SEQ_TO: u32 = 100_000;
-
-fn start_req(cmd: &str, args: &[&str]) -> pb::StartRequest {
-    pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: cmd.into(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-fn quantile(v: &[Duration], q: f64) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    v[((v.len() as f64 - 1.0) * q).round() as usize]
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

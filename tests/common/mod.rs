@@ -4,6 +4,7 @@
 
 #![allow(dead_code, clippy::disallowed_methods)] // tests spawn the binary under test directly
 
+pub mod bench;
 pub mod cgroup;
 pub mod storm;
 

@@ -113,6 +113,11 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
             tracing::warn!("second signal: exiting now");
         }
     }
+    // The leaves made ahead of time would outlive guestd otherwise (the next one also
+    // sweeps the empty leaves of dead instances).
+    if let Some(cg) = &cgroups {
+        cg.shutdown();
+    }
     Ok(())
 }
 

@@ -481,3 +481,152 @@ async fn a_higher_priority_from_the_service_manager_is_kept() {
     let stat = String::from_utf8(r.stdout).expect("utf-8");
     assert_eq!(nice_of(&stat), 0, "commands run at nice 0");
 }
+
+/// The leaf (cgroup) a command ran in, from its `/proc/self/cgroup` (the v2 line, or
+/// the first line naming a `cmd-` leaf).
+fn leaf_of(cgroup_text: &str) -> String {
+    cgroup_text
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .find(|name| name.starts_with("cmd-"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Leaves are reused once their command has ended and they are empty (D12): a command
+/// that gets the leaf of an OOM-killed one must not be reported as OOM-killed itself,
+/// and a leaf is never handed out while a process of its earlier command still lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_leaf_carries_no_earlier_oom_kill_and_no_earlier_process() {
+    use common::cgroup::TestCgroup;
+    let cg = TestCgroup::create();
+    let g = Guestd::start_with(&[
+        "--default-user",
+        "root",
+        "--no-code-interpreter",
+        "--cgroup-root",
+        &cg.rel,
+        "--user-memory-max",
+        "134217728",
+    ]);
+    let c = g.client();
+    // A daemon left behind by a command keeps its leaf out of the pool.
+    let daemon = run(
+        &c,
+        &start_req(
+            "sh",
+            &["-c", "cat /proc/self/cgroup; sleep 30 >/dev/null 2>&1 &"],
+            false,
+        ),
+    )
+    .await;
+    let daemon_leaf = leaf_of(&String::from_utf8_lossy(&daemon.stdout));
+    assert!(daemon_leaf.starts_with("cmd-"), "{daemon:?}");
+
+    let hog = run(
+        &c,
+        &start_req(
+            "sh",
+            &[
+                "-c",
+                "cat /proc/self/cgroup; exec python3 -c \"x = b'x' * (1 << 30)\"",
+            ],
+            false,
+        ),
+    )
+    .await;
+    let hog_leaf = leaf_of(&String::from_utf8_lossy(&hog.stdout));
+    assert!(hog_leaf.starts_with("cmd-"), "{hog:?}");
+    let end = hog.end.clone().expect("end");
+    assert!(end.oom_killed, "the hog was OOM-killed: {end:?}");
+
+    // The janitor thread takes ended leaves back in rounds (20 ms apart).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut seen = Vec::new();
+    for _ in 0..40 {
+        let r = run(&c, &start_req("cat", &["/proc/self/cgroup"], false)).await;
+        let end = r.end.clone().expect("end");
+        assert!(
+            !end.oom_killed,
+            "an earlier command's OOM kill leaked: {r:?}"
+        );
+        assert_eq!(end.exit_code, 0, "{r:?}");
+        seen.push(leaf_of(&String::from_utf8_lossy(&r.stdout)));
+    }
+    assert!(
+        seen.contains(&hog_leaf),
+        "the OOM-killed command's leaf was reused: {hog_leaf} not in {seen:?}"
+    );
+    assert!(
+        !seen.contains(&daemon_leaf),
+        "a leaf with a live process was handed out again: {daemon_leaf}"
+    );
+}
+
+/// guestd keeps leaves made ahead of time: they go away with it on SIGTERM, and the
+/// empty leaves of an instance that was SIGKILLed are removed by the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_leaves_leave_with_guestd_or_with_its_successor() {
+    use common::cgroup::TestCgroup;
+    let cg = TestCgroup::create();
+    let args = [
+        "--default-user",
+        "root",
+        "--no-code-interpreter",
+        "--cgroup-root",
+        &cg.rel,
+    ];
+    let leaves = || -> Vec<String> {
+        let mut out = Vec::new();
+        for d in &cg.dirs {
+            if let Ok(rd) = std::fs::read_dir(d.join("user")) {
+                for e in rd.flatten() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if n.starts_with("cmd-") {
+                        out.push(format!("{}/{n}", d.display()));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    };
+    let wait_for = |what: &str, pred: &dyn Fn(&[String]) -> bool| {
+        let deadline = Instant::now() + HANG;
+        loop {
+            let now = leaves();
+            if pred(&now) {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "{what}: {now:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    let mut a = Guestd::start_with(&args);
+    let pid_a = a.pid();
+    let made = wait_for("guestd made ready leaves", &|l| !l.is_empty());
+    assert!(made.iter().all(|l| l.contains(&format!("cmd-{pid_a}-"))));
+    signal_and_reap(&mut a, libc::SIGKILL);
+    let orphans = leaves();
+    assert!(!orphans.is_empty(), "a SIGKILLed guestd cannot clean up");
+
+    let mut b = Guestd::start_with(&args);
+    let pid_b = b.pid();
+    wait_for("the next guestd swept the dead one's leaves", &|l| {
+        !l.is_empty() && l.iter().all(|x| x.contains(&format!("cmd-{pid_b}-")))
+    });
+    signal_and_reap(&mut b, libc::SIGTERM);
+    wait_for("SIGTERM took guestd's ready leaves away", &|l| l.is_empty());
+}
+
+/// Sends `sig` to guestd and waits until it has exited.
+fn signal_and_reap(g: &mut Guestd, sig: libc::c_int) {
+    // SAFETY: kill(2) on the pid of our own child; no memory is involved.
+    unsafe { libc::kill(g.pid() as i32, sig) };
+    let deadline = Instant::now() + HANG;
+    while g.is_alive() {
+        assert!(Instant::now() < deadline, "guestd outlived signal {sig}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -440,6 +440,7 @@ async fn mount_nfs(m: &VolumeMount) -> Result<(), InitError> {
             launch::Stdio::Null,
         ],
         cgroup_procs: Vec::new(),
+        cgroup_at_clone: None,
         oom_score_adj: None,
         nice: None,
         ioprio: None,

@@ -1016,6 +1016,7 @@ fn kernel_command(
             launch::Stdio::Fd(err_w),
         ],
         cgroup_procs: leaf.map(|l| l.procs_files().to_vec()).unwrap_or_default(),
+        cgroup_at_clone: leaf.and_then(|l| l.v2_dir()),
         oom_score_adj: Some(100),
         nice: Some(0),
         ioprio: Some((launch::IOPRIO_CLASS_BE, 4)),

@@ -490,11 +490,9 @@ impl ProcessManager {
 }
 
 async fn start_inner(shared: Arc<Shared>, spec: StartSpec) -> Result<Subscription, ProcessError> {
-    match tokio::fs::metadata(&spec.cwd).await {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(ProcessError::CwdNotDirectory(spec.cwd.clone())),
-        Err(_) => return Err(ProcessError::CwdMissing(spec.cwd.clone())),
-    }
+    // The cwd is not checked here: the child's `chdir` reports a missing one or a
+    // non-directory (ProcessError::CwdMissing / CwdNotDirectory, from spawn), which
+    // saves every Start a `stat` on a blocking thread and the hand-offs around it.
     let euid = nix::unistd::geteuid().as_raw();
     let egid = nix::unistd::getegid().as_raw();
     let plan = plan::build(&spec, &shared.cfg.agent_path_env, euid, egid).map_err(|e| {
@@ -520,7 +518,16 @@ async fn start_inner(shared: Arc<Shared>, spec: StartSpec) -> Result<Subscriptio
         .as_ref()
         .map(|l| l.procs_files().to_vec())
         .unwrap_or_default();
-    let spawned = spawn::spawn(plan, spec.pty, stdin, procs, cfg.child_rlimits.clone()).await;
+    let at_clone = leaf.as_ref().and_then(|l| l.v2_dir());
+    let spawned = spawn::spawn(
+        plan,
+        spec.pty,
+        stdin,
+        procs,
+        at_clone,
+        cfg.child_rlimits.clone(),
+    )
+    .await;
     let Spawned {
         pid,
         waiter,

@@ -9,6 +9,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt as _;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use tokio::io::unix::AsyncFd;
@@ -55,6 +56,7 @@ pub(crate) async fn spawn(
     pty: Option<PtySize>,
     stdin: bool,
     cgroup_procs: Vec<CString>,
+    cgroup_at_clone: Option<(std::sync::Arc<OwnedFd>, usize)>,
     rlimits: Vec<launch::Rlimit>,
 ) -> Result<Spawned, ProcessError> {
     // The child's three standard descriptors and guestd's ends.
@@ -96,6 +98,7 @@ pub(crate) async fn spawn(
             )
         }
     };
+    let cwd = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(plan.cwd.as_bytes()));
     let cmd = launch::Command {
         argv: plan.argv,
         envp: plan.envp,
@@ -105,13 +108,16 @@ pub(crate) async fn spawn(
         session,
         stdio,
         cgroup_procs,
+        cgroup_at_clone,
         oom_score_adj: Some(100),
         nice: Some(0),
         ioprio: Some((IOPRIO_CLASS_BE, 4)),
         rlimits,
         shell_errors: Some(plan.message_prefix),
     };
-    let launched = launch::launch(cmd).await.map_err(launch_error)?;
+    let launched = launch::launch(cmd)
+        .await
+        .map_err(|e| launch_error(e, cwd))?;
     let pid = u32::try_from(launched.pid)
         .map_err(|_| ProcessError::Spawn(io::Error::other("bad pid")))?;
     Ok(Spawned {
@@ -124,9 +130,18 @@ pub(crate) async fn spawn(
 
 /// Maps a launch failure: too large is the client's error, resource exhaustion is
 /// retryable, anything else failed the spawn.
-fn launch_error(e: LaunchError) -> ProcessError {
+/// A `chdir` that found no directory is the client's missing (or non-directory) cwd.
+fn launch_error(e: LaunchError, cwd: std::path::PathBuf) -> ProcessError {
     match e {
         LaunchError::TooLarge(msg) => ProcessError::TooLarge(msg),
+        LaunchError::Failed {
+            stage: "chdir",
+            source,
+        } if source.raw_os_error() == Some(libc::ENOENT) => ProcessError::CwdMissing(cwd),
+        LaunchError::Failed {
+            stage: "chdir",
+            source,
+        } if source.raw_os_error() == Some(libc::ENOTDIR) => ProcessError::CwdNotDirectory(cwd),
         LaunchError::Failed { stage, source } => ProcessError::spawn(stage, source),
     }
 }

@@ -16,9 +16,30 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+/// Leaves kept made ahead of time. Making a leaf is a `mkdir` in each hierarchy
+/// (~120–150 µs of kernel work on a hybrid host, benches/process.rs): a command takes a
+/// ready one and the background thread makes the next, so no `Start` waits on it unless
+/// more than this many arrive at once.
+const POOL_LEAVES: usize = 16;
+
+/// Leaves kept for reuse at most. An ended command's leaf, once empty, goes back to the
+/// pool instead of being removed: removing and making leaves costs the kernel ~400 µs
+/// of system time per command on a hybrid host (`rmdir` and `mkdir` of a directory in
+/// four hierarchies, memory cgroups included), which competes with the commands
+/// themselves on a small VM.
+const POOL_MAX: usize = 32;
+
+/// How long the janitor thread lets work gather between rounds.
+const BATCH: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -137,11 +158,26 @@ pub enum CgroupError {
     },
 }
 
-/// The `user` group in every usable hierarchy.
+/// The `user` group in every usable hierarchy, with a pool of ready leaves.
 #[derive(Debug)]
 pub struct Cgroups {
+    inner: Arc<Inner>,
+    janitor: Mutex<Option<mpsc::Sender<Job>>>,
+}
+
+#[derive(Debug)]
+struct Inner {
     hiers: Vec<Hier>,
     next: AtomicU64,
+    /// Leaves made ahead of time by the janitor thread.
+    pool: Mutex<Vec<Leaf>>,
+}
+
+/// Work for the `guestd-cgroups` thread: cgroup directories are made and removed there,
+/// never on a request's path.
+enum Job {
+    Refill,
+    Remove(Arc<Leaf>),
 }
 
 /// One command's cgroup (a directory per hierarchy).
@@ -149,6 +185,26 @@ pub struct Cgroups {
 pub struct Leaf {
     dirs: Vec<(Kind, PathBuf, bool)>,
     procs: Vec<CString>,
+    /// The cgroup v2 directory (`O_PATH`) and its index in `procs`: the child can be
+    /// created in it (`clone3(CLONE_INTO_CGROUP)`) instead of moving there.
+    v2_dir: Option<(Arc<OwnedFd>, usize)>,
+    /// Where [`Leaf::remove_when_empty`] hands the removal (none: removed inline).
+    janitor: Option<mpsc::Sender<Job>>,
+    /// The OOM kill counter when this command got the leaf (a reused leaf keeps the
+    /// kernel's count of its earlier commands).
+    oom_base: u64,
+    /// The directories were handed to another command: this handle no longer touches
+    /// them.
+    released: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Refill => f.write_str("Refill"),
+            Job::Remove(l) => write!(f, "Remove({:?})", l.dirs),
+        }
+    }
 }
 
 struct Mounts {
@@ -427,25 +483,231 @@ impl Cgroups {
             io_weight = limits.io_weight,
             "user processes run in their own cgroup"
         );
-        Ok(Cgroups {
+        let inner = Arc::new(Inner {
             hiers,
             next: AtomicU64::new(1),
+            pool: Mutex::new(Vec::new()),
+        });
+        let janitor = start_janitor(Arc::downgrade(&inner));
+        Ok(Cgroups {
+            inner,
+            janitor: Mutex::new(janitor),
         })
     }
 
     /// The `user` group directories (for tests and logs).
     pub fn group_dirs(&self) -> Vec<PathBuf> {
-        self.hiers.iter().map(|h| h.group.clone()).collect()
+        self.inner.hiers.iter().map(|h| h.group.clone()).collect()
     }
 
-    /// Creates a fresh leaf for one command.
+    fn janitor(&self) -> Option<mpsc::Sender<Job>> {
+        self.janitor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A fresh leaf for one command: a ready one from the pool (the janitor thread
+    /// makes its replacement), or one made now when the pool is empty.
     pub fn create_leaf(&self) -> Result<Leaf, CgroupError> {
+        let janitor = self.janitor();
+        let (ready, left) = {
+            let mut pool = self.inner.pool.lock().unwrap_or_else(|p| p.into_inner());
+            (pool.pop(), pool.len())
+        };
+        // Ended commands' leaves come back to the pool; new ones are made only when it
+        // runs low (each message wakes the janitor thread).
+        if left < POOL_LEAVES / 2
+            && let Some(tx) = &janitor
+        {
+            let _ = tx.send(Job::Refill);
+        }
+        let mut leaf = match ready {
+            Some(l) => l,
+            None => self.inner.make_leaf()?,
+        };
+        leaf.janitor = janitor;
+        Ok(leaf)
+    }
+
+    /// Removes the pooled leaves and stops the janitor thread once the leaves in use
+    /// are gone (for shutdown).
+    pub fn shutdown(&self) {
+        self.janitor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.inner.drain_pool();
+    }
+}
+
+/// Starts the `guestd-cgroups` thread. It first removes empty leaves that dead guestd
+/// instances left behind, then fills the pool, and from then on refills it and removes
+/// the leaves of ended commands (retrying with backoff while members still live). It
+/// ends when every sender is gone.
+fn start_janitor(inner: Weak<Inner>) -> Option<mpsc::Sender<Job>> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    let spawned = std::thread::Builder::new()
+        .name("guestd-cgroups".into())
+        .spawn(move || {
+            if let Some(i) = inner.upgrade() {
+                i.sweep_stale();
+                i.refill();
+            }
+            let mut retry: Vec<(Instant, Duration, Arc<Leaf>)> = Vec::new();
+            loop {
+                let first = match retry.iter().map(|r| r.0).min() {
+                    None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                    Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+                };
+                let mut jobs = Vec::new();
+                match first {
+                    Ok(job) => jobs.push(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        // Leaves still waiting get one last try.
+                        for (_, _, leaf) in retry {
+                            leaf.remove();
+                        }
+                        return;
+                    }
+                }
+                jobs.extend(rx.try_iter());
+                let mut refill = false;
+                for job in jobs {
+                    match job {
+                        Job::Refill => refill = true,
+                        Job::Remove(leaf) => {
+                            if inner.upgrade().is_some_and(|i| i.recycle(&leaf)) {
+                                continue;
+                            }
+                            if !leaf.remove() {
+                                let delay = Duration::from_millis(200);
+                                retry.push((Instant::now() + delay, delay, leaf));
+                            }
+                        }
+                    }
+                }
+                if refill && let Some(i) = inner.upgrade() {
+                    i.refill();
+                }
+                let now = Instant::now();
+                retry.retain_mut(|(at, delay, leaf)| {
+                    if *at > now {
+                        return true;
+                    }
+                    if leaf.remove() {
+                        return false;
+                    }
+                    *delay = (*delay * 2).min(Duration::from_secs(30));
+                    *at = now + *delay;
+                    true
+                });
+                // Let ended commands' leaves gather: one wakeup handles them all
+                // instead of one per command (senders wake this thread only while it
+                // waits in recv).
+                if !refill {
+                    std::thread::sleep(BATCH);
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "no cgroup janitor thread: leaves are made per command");
+            None
+        }
+    }
+}
+
+impl Inner {
+    /// Tops the pool up to [`POOL_LEAVES`].
+    fn refill(&self) {
+        loop {
+            let have = self.pool.lock().unwrap_or_else(|p| p.into_inner()).len();
+            if have >= POOL_LEAVES {
+                return;
+            }
+            match self.make_leaf() {
+                Ok(l) => self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot make a cgroup leaf ahead of time");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Puts an ended command's leaf back into the pool when it is empty and the pool
+    /// has room; the old handle is released (it no longer signals, lists or removes).
+    fn recycle(&self, leaf: &Leaf) -> bool {
+        if self.pool.lock().unwrap_or_else(|p| p.into_inner()).len() >= POOL_MAX
+            || leaf.released.load(Ordering::SeqCst)
+            || !leaf.is_empty()
+        {
+            return false;
+        }
+        leaf.released.store(true, Ordering::SeqCst);
+        let fresh = Leaf {
+            dirs: leaf.dirs.clone(),
+            procs: leaf.procs.clone(),
+            v2_dir: leaf.v2_dir.clone(),
+            janitor: None,
+            oom_base: 0,
+            released: std::sync::atomic::AtomicBool::new(false),
+        };
+        let fresh = Leaf {
+            oom_base: fresh.oom_count(),
+            ..fresh
+        };
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(fresh);
+        true
+    }
+
+    fn drain_pool(&self) {
+        let leaves = std::mem::take(&mut *self.pool.lock().unwrap_or_else(|p| p.into_inner()));
+        for l in leaves {
+            l.remove();
+        }
+    }
+
+    /// Removes empty `cmd-<pid>-<n>` leaves whose guestd (`pid`) is gone. Leaves with
+    /// members stay (rmdir refuses them), and so do those of live instances.
+    fn sweep_stale(&self) {
+        let me = std::process::id();
+        for h in &self.hiers {
+            let Ok(entries) = std::fs::read_dir(&h.group) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let Some(pid) = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("cmd-"))
+                    .and_then(|n| n.split('-').next())
+                    .and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if pid != me && !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+    }
+
+    /// Makes a leaf: a directory in each leaf hierarchy.
+    fn make_leaf(&self) -> Result<Leaf, CgroupError> {
         // guestd's pid in the name: leaves of another instance (tests run several) or
         // of a previous run (with stray members) are never reused.
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let name = format!("cmd-{}-{n}", std::process::id());
         let mut dirs = Vec::new();
         let mut procs = Vec::new();
+        let mut v2_dir = None;
         for h in &self.hiers {
             if h.kind == Kind::V1Blkio {
                 // A group-only hierarchy: the command joins the group itself.
@@ -465,12 +727,38 @@ impl Cgroups {
             }
             let p = dir.join("cgroup.procs");
             if let Ok(c) = CString::new(p.as_os_str().as_bytes()) {
+                if h.kind == Kind::V2 {
+                    v2_dir = open_path(&dir).map(|fd| (Arc::new(fd), procs.len()));
+                }
                 procs.push(c);
             }
             dirs.push((h.kind, dir, h.v2_memory));
         }
-        Ok(Leaf { dirs, procs })
+        Ok(Leaf {
+            dirs,
+            procs,
+            v2_dir,
+            janitor: None,
+            oom_base: 0,
+            released: std::sync::atomic::AtomicBool::new(false),
+        })
     }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.drain_pool();
+    }
+}
+
+/// Opens a directory as an `O_PATH` descriptor (what `CLONE_INTO_CGROUP` takes).
+fn open_path(dir: &Path) -> Option<OwnedFd> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(dir)
+        .ok()
+        .map(OwnedFd::from)
 }
 
 fn apply(file: &Path, value: Option<u64>) {
@@ -489,8 +777,22 @@ impl Leaf {
         &self.procs
     }
 
+    /// The leaf's cgroup v2 directory and the index in [`Leaf::procs_files`] of the
+    /// move it makes unnecessary when the child is created in it.
+    pub fn v2_dir(&self) -> Option<(Arc<OwnedFd>, usize)> {
+        self.v2_dir.clone()
+    }
+
     /// Processes killed by the OOM killer in this leaf so far.
     pub fn oom_kills(&self) -> u64 {
+        if self.released.load(Ordering::SeqCst) {
+            return 0;
+        }
+        self.oom_count().saturating_sub(self.oom_base)
+    }
+
+    /// The kernel's OOM kill counter of the leaf (the largest over its hierarchies).
+    fn oom_count(&self) -> u64 {
         let mut total = 0;
         for (kind, dir, v2_memory) in &self.dirs {
             let (file, key) = match kind {
@@ -511,9 +813,22 @@ impl Leaf {
         total
     }
 
+    /// No process is in the leaf. Every member is in every hierarchy's leaf (the child
+    /// joins them all before it can fork), so one directory tells: the first, v2's
+    /// where there is one.
+    fn is_empty(&self) -> bool {
+        let Some((_, dir, _)) = self.dirs.first() else {
+            return true;
+        };
+        std::fs::read(dir.join("cgroup.procs")).is_ok_and(|t| t.is_empty())
+    }
+
     /// Every process in the leaf (any hierarchy).
     pub fn members(&self) -> Vec<i32> {
         let mut out = Vec::new();
+        if self.released.load(Ordering::SeqCst) {
+            return out;
+        }
         for (_, dir, _) in &self.dirs {
             if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
                 for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
@@ -530,6 +845,9 @@ impl Leaf {
     /// even against a fork bomb); otherwise members are signalled until none is left
     /// or a bounded number of rounds passed.
     pub fn signal_all(&self, sig: libc::c_int) {
+        if self.released.load(Ordering::SeqCst) {
+            return;
+        }
         if sig == libc::SIGKILL {
             for (kind, dir, _) in &self.dirs {
                 if *kind == Kind::V2 && write(&dir.join("cgroup.kill"), "1").is_ok() {
@@ -550,9 +868,16 @@ impl Leaf {
         }
     }
 
-    /// Removes the leaf once it is empty: now if possible, else from a background task
-    /// that retries with backoff (members such as daemons may outlive their command).
+    /// Removes the leaf once it is empty, on the janitor thread (which retries with
+    /// backoff: members such as daemons may outlive their command); without one, now
+    /// if possible, else from a background task.
     pub fn remove_when_empty(self: std::sync::Arc<Self>) {
+        if let Some(tx) = &self.janitor {
+            let tx = tx.clone();
+            if tx.send(Job::Remove(self.clone())).is_ok() {
+                return;
+            }
+        }
         if self.remove() {
             return;
         }
@@ -570,6 +895,10 @@ impl Leaf {
 
     /// Removes the leaf directories; false while a member still lives (retry later).
     pub fn remove(&self) -> bool {
+        if self.released.load(Ordering::SeqCst) {
+            // Another command's now.
+            return true;
+        }
         let mut all = true;
         for (_, dir, _) in &self.dirs {
             match std::fs::remove_dir(dir) {

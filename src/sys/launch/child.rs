@@ -85,6 +85,8 @@ pub(super) struct ChildCtx<'a> {
     session: Session,
     pub(super) report_fd: RawFd,
     cgroup_procs: Vec<*const c_char>,
+    /// The `cgroup_procs` entry not to write: the child was created in that cgroup.
+    pub(super) skip_cgroup: Option<usize>,
     oom_score_adj: Option<i32>,
     nice: Option<i32>,
     ioprio: Option<(u8, u8)>,
@@ -124,6 +126,7 @@ impl<'a> ChildCtx<'a> {
             session: cmd.session,
             report_fd,
             cgroup_procs: cmd.cgroup_procs.iter().map(|c| c.as_ptr()).collect(),
+            skip_cgroup: None,
             oom_score_adj: cmd.oom_score_adj,
             nice: cmd.nice,
             ioprio: cmd.ioprio,
@@ -171,7 +174,10 @@ fn setup<S: Syscall>(sys: &mut S, ctx: &mut ChildCtx<'_>) -> Result<(), Failure>
 
     // Join the cgroup(s) before the user's code can fork: nothing it starts can be
     // outside. Best effort: a missing cgroup must never fail the spawn.
-    for &procs in &ctx.cgroup_procs {
+    for (i, &procs) in ctx.cgroup_procs.iter().enumerate() {
+        if ctx.skip_cgroup == Some(i) {
+            continue;
+        }
         // SAFETY: NUL-terminated strings owned by the Command.
         let _ = sys.join_cgroup(unsafe { CStr::from_ptr(procs) });
     }
@@ -305,6 +311,7 @@ mod tests {
             session: Session::NewGroup,
             stdio: [Stdio::Null, Stdio::Null, Stdio::Null],
             cgroup_procs: vec![c("/cg/pids/user/cmd-1/cgroup.procs")],
+            cgroup_at_clone: None,
             oom_score_adj: Some(100),
             nice: Some(0),
             ioprio: Some((IOPRIO_CLASS_BE, 4)),
@@ -367,6 +374,30 @@ mod tests {
                 stage: STAGE_EXEC,
                 errno: libc::ENOENT
             }
+        );
+    }
+
+    #[test]
+    fn a_child_created_in_its_v2_leaf_skips_only_that_join() {
+        let mut cmd = user_cmd();
+        cmd.cgroup_procs = vec![
+            c("/cg/unified/user/cmd-1/cgroup.procs"),
+            c("/cg/pids/user/cmd-1/cgroup.procs"),
+        ];
+        let mut rec = Recorder::default();
+        let mut ctx = ChildCtx::new(&cmd, [10, 11, 12], 7);
+        ctx.skip_cgroup = Some(0);
+        // SAFETY: ctx comes from a live Command; the fake makes no system calls.
+        unsafe { run(&mut rec, &mut ctx) };
+        let joins: Vec<_> = rec
+            .calls
+            .iter()
+            .filter(|c| matches!(c, Call::JoinCgroup(_)))
+            .cloned()
+            .collect();
+        assert_eq!(
+            joins,
+            vec![Call::JoinCgroup("/cg/pids/user/cmd-1/cgroup.procs".into())]
         );
     }
 

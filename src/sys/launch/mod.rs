@@ -29,7 +29,7 @@ pub mod syscall;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::fcntl::OFlag;
@@ -169,6 +169,10 @@ pub struct Command {
     pub stdio: [Stdio; 3],
     /// `cgroup.procs` files the child writes `0` into first (best effort).
     pub cgroup_procs: Vec<CString>,
+    /// A cgroup v2 directory to create the child in (`clone3(CLONE_INTO_CGROUP)`), and
+    /// the index of the `cgroup_procs` entry that is then skipped. Where the kernel
+    /// refuses it, the child moves itself like into the others.
+    pub cgroup_at_clone: Option<(Arc<OwnedFd>, usize)>,
     pub oom_score_adj: Option<i32>,
     pub nice: Option<i32>,
     /// (class, level)
@@ -364,6 +368,10 @@ fn launch_blocking(cmd: Command) -> Result<Launched, LaunchError> {
         let mut entry = Entry {
             ctx: &mut ctx,
             slot: &slot,
+            into: cmd
+                .cgroup_at_clone
+                .as_ref()
+                .map(|(fd, idx)| (fd.as_raw_fd(), *idx)),
         };
         // Not under the reaper lock: the clone waits for the child's exec
         // (CLONE_VFORK), which must never hold up reaping or other launches.
@@ -515,7 +523,12 @@ pub fn kill_exact(pid: i32, pidfd: Option<&OwnedFd>, sig: libc::c_int) -> io::Re
 struct Entry<'a, 'b> {
     ctx: &'a mut child::ChildCtx<'b>,
     slot: &'a AtomicI32,
+    /// A cgroup v2 directory to create the child in, and the join it replaces.
+    into: Option<(RawFd, usize)>,
 }
+
+/// Cleared once the kernel showed it has no `clone3` with `CLONE_INTO_CGROUP`.
+static CLONE3_INTO_CGROUP: AtomicBool = AtomicBool::new(cfg!(target_arch = "x86_64"));
 
 /// Stack of the child between `clone` and `exec` (it shares guestd's memory until then).
 const CHILD_STACK: usize = 256 * 1024;
@@ -587,16 +600,40 @@ fn clone_child(entry: &mut Entry<'_, '_>) -> io::Result<(Option<OwnedFd>, i32)> 
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    let arg = (entry as *mut Entry<'_, '_>).cast::<libc::c_void>();
     let mut pidfd: libc::c_int = -1;
+    let mut pid = -1;
+    if let Some((dir, idx)) = entry.into
+        && CLONE3_INTO_CGROUP.load(Ordering::Relaxed)
+    {
+        entry.ctx.skip_cgroup = Some(idx);
+        let arg = (entry as *mut Entry<'_, '_>).cast::<libc::c_void>();
+        // SAFETY: as for clone below; the stack is the mapping made above, its top
+        // 16-byte aligned.
+        match unsafe { clone3_into(dir, map.cast(), CHILD_STACK + GUARD, arg, &mut pidfd) } {
+            Ok(p) => pid = p,
+            Err(e) => {
+                // Nothing was created. Unsupported (before Linux 5.7, or not x86_64
+                // semantics): never again. Anything else (a full pids limit, a leaf
+                // that is gone): this time the child moves itself.
+                if matches!(e, libc::ENOSYS | libc::E2BIG | libc::EINVAL) {
+                    CLONE3_INTO_CGROUP.store(false, Ordering::Relaxed);
+                }
+                entry.ctx.skip_cgroup = None;
+                pidfd = -1;
+            }
+        }
+    }
+    let arg = (entry as *mut Entry<'_, '_>).cast::<libc::c_void>();
     let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
-    // SAFETY: child_entry runs on the fresh stack and only executes child::run with the
-    // real syscalls, which restrict themselves to async-signal-safe calls on memory
-    // prepared before the call; CLONE_VFORK keeps this thread (and so the entry and the
-    // stack) alive and untouched until the child has exec'd or exited. With CLONE_PIDFD
-    // the kernel writes the pidfd into `pidfd` (the parent_tid argument).
-    let mut pid =
-        unsafe { libc::clone(child_entry, top, flags | libc::CLONE_PIDFD, arg, &mut pidfd) };
+    if pid < 0 {
+        // SAFETY: child_entry runs on the fresh stack and only executes child::run with
+        // the real syscalls, which restrict themselves to async-signal-safe calls on
+        // memory prepared before the call; CLONE_VFORK keeps this thread (and so the
+        // entry and the stack) alive and untouched until the child has exec'd or
+        // exited. With CLONE_PIDFD the kernel writes the pidfd into `pidfd` (the
+        // parent_tid argument).
+        pid = unsafe { libc::clone(child_entry, top, flags | libc::CLONE_PIDFD, arg, &mut pidfd) };
+    }
     if pid < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
         // A kernel without CLONE_PIDFD (before 5.2).
         pidfd = -1;
@@ -618,6 +655,103 @@ fn clone_child(entry: &mut Entry<'_, '_>) -> io::Result<(Option<OwnedFd>, i32)> 
         unsafe { OwnedFd::from_raw_fd(pidfd) }
     });
     Ok((pidfd, pid))
+}
+
+/// `struct clone_args` of `clone3(2)` up to `cgroup` (CLONE_ARGS_SIZE_VER2, 88 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `clone3(CLONE_VM | CLONE_VFORK | CLONE_PIDFD | CLONE_INTO_CGROUP)`: the child starts
+/// life in the cgroup v2 directory `dir` (no migration afterwards) and runs
+/// `child_entry(arg)` on the given stack. Returns the child's pid (after it exec'd or
+/// exited, CLONE_VFORK) or the errno; on error no child exists.
+///
+/// libc has no `clone3` wrapper that takes a function: the child returns from the
+/// system call on its new stack, so the call and the jump into `child_entry` are a few
+/// instructions of assembly that never return to Rust code in the child.
+///
+/// # Safety
+/// Same contract as `clone(CLONE_VM | CLONE_VFORK)` with `child_entry`: `stack` is a
+/// private mapping of `stack_size` bytes (page-aligned, so its top is 16-byte aligned)
+/// that stays mapped until this returns; `arg` stays valid until then; `pidfd` is
+/// written by the kernel.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3_into(
+    dir: RawFd,
+    stack: *mut u8,
+    stack_size: usize,
+    arg: *mut libc::c_void,
+    pidfd: &mut libc::c_int,
+) -> Result<i32, libc::c_int> {
+    let mut args = CloneArgs {
+        flags: (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD) as u64 | CLONE_INTO_CGROUP,
+        pidfd: (pidfd as *mut libc::c_int) as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: stack as u64,
+        stack_size: stack_size as u64,
+        cgroup: dir as u64,
+        ..CloneArgs::default()
+    };
+    let entry: extern "C" fn(*mut libc::c_void) -> libc::c_int = child_entry;
+    let ret: i64;
+    // SAFETY: the parent gets the result in rax with every other register but rcx and
+    // r11 preserved (the kernel's syscall ABI). The child (rax = 0) runs on the fresh
+    // stack, whose top the kernel put in rsp (16-byte aligned, as `call` needs): it
+    // calls child_entry(arg) from r12/r13 (preserved across the syscall) and, should
+    // that ever return, exits. It never reaches the Rust code after this block.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r13",
+            "call r12",
+            "mov edi, eax",
+            "mov eax, 60",
+            "syscall",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") &mut args as *mut CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") entry,
+            in("r13") arg,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    if ret < 0 {
+        Err((-ret) as libc::c_int)
+    } else {
+        Ok(ret as i32)
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn clone3_into(
+    _dir: RawFd,
+    _stack: *mut u8,
+    _stack_size: usize,
+    _arg: *mut libc::c_void,
+    _pidfd: &mut libc::c_int,
+) -> Result<i32, libc::c_int> {
+    Err(libc::ENOSYS)
 }
 
 /// strerror texts for the errors execve can return, without the "(os error N)" tail.
@@ -646,6 +780,8 @@ fn errno_text(e: libc::c_int) -> &'static [u8] {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::OpenOptionsExt as _;
+
     use super::*;
 
     fn c(s: &str) -> CString {
@@ -662,6 +798,7 @@ mod tests {
             session: Session::NewGroup,
             stdio: [Stdio::Null, Stdio::Null, Stdio::Null],
             cgroup_procs: Vec::new(),
+            cgroup_at_clone: None,
             oom_score_adj: None,
             nice: None,
             ioprio: None,
@@ -700,6 +837,66 @@ mod tests {
             e.contains(&format!("limit for them here is {limit} bytes")),
             "{e}"
         );
+    }
+
+    /// A fresh directory in the cgroup v2 hierarchy (`None` without a writable one).
+    fn v2_dir() -> Option<std::path::PathBuf> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+        let mount = mounts.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| f[1].to_string())
+        })?;
+        static N: AtomicI32 = AtomicI32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::path::Path::new(&mount).join(format!("guestd-unit-{}-{n}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        Some(dir)
+    }
+
+    #[tokio::test]
+    async fn the_child_is_created_in_its_v2_cgroup_without_moving() {
+        let Some(dir) = v2_dir() else {
+            panic!("the test needs a writable cgroup v2 hierarchy (run as root)");
+        };
+        let fd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(&dir)
+            .map(OwnedFd::from)
+            .unwrap();
+        let (r, w) = pipe().unwrap();
+        let mut cmd = sh("cat /proc/self/cgroup");
+        cmd.stdio[1] = Stdio::Fd(w);
+        // The join this placement replaces names a file that does not exist: only
+        // clone3(CLONE_INTO_CGROUP) can have put the child there.
+        cmd.cgroup_procs = vec![c("/nonexistent/guestd-test/cgroup.procs")];
+        cmd.cgroup_at_clone = Some((Arc::new(fd), 0));
+        let l = launch(cmd).await.unwrap();
+        assert_eq!(l.waiter.await.code(), Some(0));
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let v2 = out.lines().find(|l| l.starts_with("0::")).unwrap_or("");
+        let _ = std::fs::remove_dir(&dir);
+        assert!(v2.ends_with(&format!("/{name}")), "{out}");
+        assert!(CLONE3_INTO_CGROUP.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn a_refused_clone3_falls_back_to_the_child_moving_itself() {
+        // A regular file is no cgroup: clone3 fails, nothing was created, and the
+        // child is cloned the old way (and joins what it is given).
+        let f = std::fs::File::open("/proc/self/cgroup").unwrap();
+        let (r, w) = pipe().unwrap();
+        let mut cmd = sh("echo ran");
+        cmd.stdio[1] = Stdio::Fd(w);
+        cmd.cgroup_at_clone = Some((Arc::new(OwnedFd::from(f)), 0));
+        let l = launch(cmd).await.unwrap();
+        assert_eq!(l.waiter.await.code(), Some(0));
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
+        assert_eq!(out, "ran\n");
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! Idle memory of guestd (issue 11): RSS 3 s after it answers, for the glibc build
 //! (`target/release/guestd`) and the static musl build that ships
-//! (`target/x86_64-unknown-linux-musl/release/guestd`, built first by
-//! `cargo build --release --target x86_64-unknown-linux-musl --bin guestd`), each without
+//! (`target/x86_64-unknown-linux-musl/ship/guestd`, built first by
+//! `cargo build --profile ship --target x86_64-unknown-linux-musl --bin guestd`), each without
 //! the kernel bridge (`--no-code-interpreter`) and with it (until `:49999/health`
 //! answers, i.e. the Python kernel is ready; guestd's own RSS, not the kernels').
 //! Next to them, in the same run: `sleep`, the smallest process this machine runs.
@@ -115,7 +115,7 @@ fn measure(bin: &Path, bridge: bool) -> Result<Rss, String> {
 fn main() {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let glibc = PathBuf::from(env!("CARGO_BIN_EXE_guestd"));
-    let musl = manifest.join("target/x86_64-unknown-linux-musl/release/guestd");
+    let musl = manifest.join("target/x86_64-unknown-linux-musl/ship/guestd");
 
     let floor = {
         let c = Running(
@@ -143,7 +143,7 @@ fn main() {
     for (name, bin) in [("glibc build", &glibc), ("static musl build", &musl)] {
         if !bin.exists() {
             println!(
-                "| {name}: not built (`cargo build --release --target x86_64-unknown-linux-musl --bin guestd`) | | | |"
+                "| {name}: not built (`cargo build --profile ship --target x86_64-unknown-linux-musl --bin guestd`) | | | |"
             );
             continue;
         }

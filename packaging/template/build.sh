@@ -8,7 +8,7 @@
 #   GUESTD_KERNEL_PROFILE  kernels' package profile (default template)
 #
 # Needs the static binary first:
-#   cargo build --release --target x86_64-unknown-linux-musl --bin guestd
+#   cargo build --profile ship --target x86_64-unknown-linux-musl --bin guestd
 # This machine's package-client settings (CA bundle, proxies, apt options) and its
 # pip/npm download caches reach the build as secrets and volumes (host-settings.sh),
 # never as image content.
@@ -18,10 +18,10 @@ export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/packaging/template/containers.con
 IMAGE=${1:-localhost/guestd-template:latest}
 BASE=${GUESTD_IMAGE_BASE:-localhost/guestd-debian-base:12}
 PROFILE=${GUESTD_KERNEL_PROFILE:-template}
-BIN=target/x86_64-unknown-linux-musl/release/guestd
+BIN=target/x86_64-unknown-linux-musl/ship/guestd
 
 if [ ! -x "$BIN" ]; then
-  echo "missing $BIN: cargo build --release --target x86_64-unknown-linux-musl --bin guestd" >&2
+  echo "missing $BIN: cargo build --profile ship --target x86_64-unknown-linux-musl --bin guestd" >&2
   exit 1
 fi
 if [ "$BASE" = localhost/guestd-debian-base:12 ]; then

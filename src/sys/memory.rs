@@ -6,8 +6,9 @@
 //! system only from the top of each heap, so after such a burst the RSS stayed at its
 //! peak for good. On glibc guestd therefore limits the arenas to two and, after its
 //! retained state shrank, asks the allocator to release every free page
-//! (`malloc_trim`). musl's allocator (the static build) unmaps freed memory itself; both
-//! calls are no-ops there.
+//! (`malloc_trim`). musl's allocator (the static build) unmaps freed memory itself (too
+//! eagerly: [`crate::sys::alloc`] keeps a small cache of freed large blocks in front of
+//! either allocator), so there only that cache is emptied.
 
 /// Limits glibc's arenas (call once, before the runtime's threads start).
 pub fn tune_allocator() {
@@ -22,6 +23,8 @@ pub fn tune_allocator() {
 /// Returns free allocator memory to the system. Takes about a millisecond per few tens
 /// of MiB of heap; call it from a blocking context.
 pub fn release_free_memory() {
+    // The cache of freed blocks in front of the C allocator (D74).
+    crate::sys::alloc::GLOBAL.release();
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim takes an integer; it only madvises pages the allocator owns
     // and has marked free.

@@ -70,14 +70,17 @@ impl Guestd {
         let logdir = tempfile::tempdir().expect("tempdir");
         let log = logdir.path().join("guestd.log");
         let logfile = std::fs::File::create(&log).expect("log file");
-        let bin = env!("CARGO_BIN_EXE_guestd");
+        // GUESTD_BIN: another build of guestd to run (the benches compare the static
+        // musl build that ships with the glibc build they were compiled with).
+        let bin =
+            std::env::var("GUESTD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_guestd").into());
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
-                c.args(rest).arg(bin);
+                c.args(rest).arg(&bin);
                 c
             }
-            None => Command::new(bin),
+            None => Command::new(&bin),
         };
         let child = cmd
             .args(["--listen", "127.0.0.1", "--port", &port.to_string()])

@@ -26,7 +26,7 @@ IMAGE = os.environ.get("GUESTD_IMAGE", "localhost/guestd-template:latest")
 BASE_IMAGE = os.environ.get("GUESTD_BASE_IMAGE", "localhost/guestd-debian-base:12")
 MUSL_BIN = Path(
     os.environ.get("GUESTD_MUSL_BIN")
-    or REPO / "target" / "x86_64-unknown-linux-musl" / "release" / "guestd"
+    or REPO / "target" / "x86_64-unknown-linux-musl" / "ship" / "guestd"
 )
 os.environ.setdefault("CONTAINERS_CONF", str(REPO / "packaging" / "template" / "containers.conf"))
 os.environ["E2B_DEBUG"] = "true"

@@ -30,7 +30,7 @@ fi
 
 log "static guestd"
 rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || true
-cargo build --release --target x86_64-unknown-linux-musl --bin guestd
+cargo build --profile ship --target x86_64-unknown-linux-musl --bin guestd
 
 log "test venv"
 GUESTD_SKIP_KERNELS=1 packaging/dev/setup.sh

@@ -6,6 +6,8 @@
 //!   a plain pipe copy of the same command's output into this process;
 //! * where a command's cgroup placement goes: the leaves made and the moves into each
 //!   hierarchy guestd placed a command in, done by the bench on a sleeping process;
+//! * what a Start costs guestd itself (CPU time and context switches of all its threads)
+//!   and what waking a thread costs on this machine (pipe ping-pong);
 //! * guestd's RSS (current and peak) after the runs.
 //!
 //! Run: `cargo bench --bench process` (optionally `-- <iterations>`).
@@ -232,6 +234,8 @@ fn main() {
     }
 
     cgroup_costs(&rt, &client, iterations.min(200));
+    agent_costs(&rt, &client, g.pid(), iterations.max(300));
+    wake_costs();
 
     let (rss, hwm) = rss_kib(g.pid());
     println!("\n## guestd memory\n");
@@ -239,6 +243,132 @@ fn main() {
         "RSS after the runs: {} KiB; peak RSS (VmHWM): {} KiB",
         rss, hwm
     );
+}
+
+/// Nanoseconds on CPU of every thread of `pid` so far, and its context switches.
+fn cpu_and_switches(pid: u32) -> (u64, u64) {
+    let (mut ns, mut sw) = (0, 0);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0, 0);
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        if let Ok(s) = std::fs::read_to_string(p.join("schedstat")) {
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        if let Ok(s) = std::fs::read_to_string(p.join("status")) {
+            sw += s
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    (ns, sw)
+}
+
+/// What one `Start(/bin/true)` costs guestd itself: CPU time over all its threads and
+/// context switches (from /proc, around `n` sequential Connect JSON round trips), next to
+/// the floor's wall time and the floor's own spawning thread.
+fn agent_costs(rt: &tokio::runtime::Runtime, client: &common::Client, pid: u32, n: usize) {
+    let req = start_req("/bin/true", &[]);
+    let (ns0, sw0) = cpu_and_switches(pid);
+    let t = Instant::now();
+    for _ in 0..n {
+        rt.block_on(connect_run(client, Codec::Json, &req));
+    }
+    let wall = t.elapsed();
+    let (ns1, sw1) = cpu_and_switches(pid);
+    let me = std::process::id();
+    let thread_ns = || {
+        std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (f0, t0) = (thread_ns(), Instant::now());
+    for _ in 0..n {
+        std::process::Command::new("/bin/true")
+            .status()
+            .expect("true");
+    }
+    let (f1, fwall) = (thread_ns(), t0.elapsed());
+    let per = |d: u64| d as f64 / n as f64 / 1e3;
+    println!("\n## What a Start costs guestd ({n} sequential Connect JSON `/bin/true`)\n");
+    println!("| figure | per Start |");
+    println!("|---|---:|");
+    println!(
+        "| round trip, wall (floor: bare spawn + wait, {:.0} µs) | {:.0} µs |",
+        fwall.as_secs_f64() * 1e6 / n as f64,
+        wall.as_secs_f64() * 1e6 / n as f64
+    );
+    println!(
+        "| guestd's CPU time, all threads | {:.0} µs |",
+        per(ns1.saturating_sub(ns0))
+    );
+    println!(
+        "| the floor's spawning thread's CPU time (pid {me}) | {:.0} µs |",
+        per(f1.saturating_sub(f0))
+    );
+    println!(
+        "| guestd's context switches, all threads | {:.1} |",
+        sw1.saturating_sub(sw0) as f64 / n as f64
+    );
+}
+
+/// What waking a thread costs on this machine: two threads pass a byte back and forth
+/// through pipes, on different CPUs and then both on CPU 0.
+fn wake_costs() {
+    fn pingpong(pin: Option<usize>, rounds: usize) -> f64 {
+        let (a_r, a_w) = nix::unistd::pipe().expect("pipe");
+        let (b_r, b_w) = nix::unistd::pipe().expect("pipe");
+        let pin_to = |cpu: usize| {
+            // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it;
+            // sched_setaffinity reads it for the calling thread.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+        };
+        let other = std::thread::spawn(move || {
+            if let Some(c) = pin {
+                pin_to(c);
+            }
+            let mut b = [0u8; 1];
+            for _ in 0..rounds {
+                nix::unistd::read(&a_r, &mut b).expect("read");
+                nix::unistd::write(&b_w, &b).expect("write");
+            }
+        });
+        let me = std::thread::spawn(move || {
+            if let Some(c) = pin {
+                pin_to(c);
+            }
+            let mut b = [0u8; 1];
+            let t = Instant::now();
+            for _ in 0..rounds {
+                nix::unistd::write(&a_w, &b).expect("write");
+                nix::unistd::read(&b_r, &mut b).expect("read");
+            }
+            t.elapsed()
+        });
+        let took = me.join().expect("pingpong");
+        other.join().expect("pingpong");
+        // Two wakeups per round.
+        took.as_secs_f64() * 1e6 / rounds as f64 / 2.0
+    }
+    let cross = pingpong(None, 20_000);
+    let same = pingpong(Some(0), 20_000);
+    println!("\n## Waking a thread here (pipe ping-pong, 20,000 rounds)\n");
+    println!("| case | µs per wakeup |");
+    println!("|---|---:|");
+    println!("| threads free to run on either CPU | {cross:.1} |");
+    println!("| both threads on CPU 0 | {same:.1} |");
 }
 
 /// Where a command's cgroup placement goes: the kernel work guestd does for every
@@ -358,14 +488,22 @@ fn cgroup_costs(rt: &tokio::runtime::Runtime, client: &common::Client, n: usize)
     println!("|---|---:|---:|");
     let m = stats(mkdir_t);
     println!(
-        "| mkdir of the leaves | {:.0} | {:.0} |",
+        "| mkdir of the leaves (guestd: made ahead and reused, D73) | {:.0} | {:.0} |",
         us(m.median),
         us(m.p99)
     );
     for (k, v) in moves.into_iter().enumerate() {
         let s = stats(v);
+        let v2 = cg_mounts
+            .iter()
+            .any(|(mnt, t, _)| t == "cgroup2" && joined[k].starts_with(mnt));
+        let note = if v2 {
+            " (guestd: created there by clone3, no move)"
+        } else {
+            ""
+        };
         println!(
-            "| move into {} | {:.0} | {:.0} |",
+            "| move into {}{note} | {:.0} | {:.0} |",
             joined[k].display(),
             us(s.median),
             us(s.p99)

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use super::error::ProcessError;
 use super::output::{Hub, OutputPolicy};
@@ -536,8 +535,10 @@ async fn start_inner(shared: Arc<Shared>, spec: StartSpec) -> Result<Subscriptio
     } = match spawned {
         Ok(s) => s,
         Err(e) => {
-            if let Some(l) = &leaf {
-                l.remove();
+            // Nothing runs in the leaf: back to the pool (or removed) by the janitor,
+            // off this path and without giving up its descriptor mid-exhaustion.
+            if let Some(l) = leaf {
+                l.remove_when_empty();
             }
             return Err(e);
         }
@@ -588,11 +589,11 @@ async fn start_inner(shared: Arc<Shared>, spec: StartSpec) -> Result<Subscriptio
     lock(&shared.registry).register(proc.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let readers: Vec<JoinHandle<()>> = readers_io
+    // The readers run inside the supervising task (not a task each): every spawned task
+    // can wake the other runtime worker, and a Start paid for three.
+    let readers: Vec<_> = readers_io
         .into_iter()
-        .map(|(fd, kind, cap)| {
-            tokio::spawn(read_loop(fd, kind, cap, hub.clone(), pid, stop_rx.clone()))
-        })
+        .map(|(fd, kind, cap)| read_loop(fd, kind, cap, hub.clone(), pid, stop_rx.clone()))
         .collect();
 
     tracing::info!(
@@ -647,28 +648,37 @@ async fn lifetime_timer(proc: Arc<Proc>, timeout: Duration) {
 
 /// Awaits the exit and the output EOFs (or the grace after a kill), then produces the
 /// End and moves the process to the retained set.
-async fn supervise(
+async fn supervise<R: std::future::Future<Output = ()>>(
     shared: Weak<Shared>,
     proc: Arc<Proc>,
     waiter: crate::sys::reaper::ExitWaiter,
-    readers: Vec<JoinHandle<()>>,
+    readers: Vec<R>,
     stop_readers: watch::Sender<bool>,
     started: Instant,
 ) {
-    let status = waiter.await;
+    // The output is read while the process runs (a full pipe would stop it otherwise).
+    let readers = futures_util::future::join_all(readers);
+    tokio::pin!(readers);
+    tokio::pin!(waiter);
+    let mut read_all = false;
+    let status = loop {
+        tokio::select! {
+            status = &mut waiter => break status,
+            _ = &mut readers, if !read_all => read_all = true,
+        }
+    };
     proc.exited.store(true, Ordering::SeqCst);
     lock(&proc.pidfd).take();
 
-    let readers = futures_util::future::join_all(readers);
-    tokio::pin!(readers);
     let mut abandon = proc.abandon.subscribe();
-    let abandoned = tokio::select! {
-        _ = &mut readers => false,
-        _ = async {
-            let _ = abandon.wait_for(|a| *a).await;
-            tokio::time::sleep(OUTPUT_GRACE).await;
-        } => true,
-    };
+    let abandoned = !read_all
+        && tokio::select! {
+            _ = &mut readers => false,
+            _ = async {
+                let _ = abandon.wait_for(|a| *a).await;
+                tokio::time::sleep(OUTPUT_GRACE).await;
+            } => true,
+        };
     if abandoned {
         // Readers finish the chunk they are publishing, then stop.
         stop_readers.send_replace(true);

@@ -541,6 +541,16 @@ impl Cgroups {
     }
 }
 
+/// Puts an ended command's leaf back into the pool, or removes it when the pool is
+/// full; false while it still has members or cannot be read (out of descriptors): the
+/// caller tries again later, and nothing is freed or reused meanwhile.
+fn settle(inner: &Weak<Inner>, leaf: &Arc<Leaf>) -> bool {
+    match leaf.is_empty() {
+        Some(true) => inner.upgrade().is_some_and(|i| i.recycle(leaf)) || leaf.remove(),
+        Some(false) | None => false,
+    }
+}
+
 /// Starts the `guestd-cgroups` thread. It first removes empty leaves that dead guestd
 /// instances left behind, then fills the pool, and from then on refills it and removes
 /// the leaves of ended commands (retrying with backoff while members still live). It
@@ -578,10 +588,7 @@ fn start_janitor(inner: Weak<Inner>) -> Option<mpsc::Sender<Job>> {
                     match job {
                         Job::Refill => refill = true,
                         Job::Remove(leaf) => {
-                            if inner.upgrade().is_some_and(|i| i.recycle(&leaf)) {
-                                continue;
-                            }
-                            if !leaf.remove() {
+                            if !settle(&inner, &leaf) {
                                 let delay = Duration::from_millis(200);
                                 retry.push((Instant::now() + delay, delay, leaf));
                             }
@@ -596,7 +603,7 @@ fn start_janitor(inner: Weak<Inner>) -> Option<mpsc::Sender<Job>> {
                     if *at > now {
                         return true;
                     }
-                    if leaf.remove() {
+                    if settle(&inner, leaf) {
                         return false;
                     }
                     *delay = (*delay * 2).min(Duration::from_secs(30));
@@ -638,12 +645,11 @@ impl Inner {
         }
     }
 
-    /// Puts an ended command's leaf back into the pool when it is empty and the pool
-    /// has room; the old handle is released (it no longer signals, lists or removes).
+    /// Puts an ended command's (empty) leaf back into the pool if it has room; the old
+    /// handle is released (it no longer signals, lists or removes).
     fn recycle(&self, leaf: &Leaf) -> bool {
         if self.pool.lock().unwrap_or_else(|p| p.into_inner()).len() >= POOL_MAX
             || leaf.released.load(Ordering::SeqCst)
-            || !leaf.is_empty()
         {
             return false;
         }
@@ -813,14 +819,17 @@ impl Leaf {
         total
     }
 
-    /// No process is in the leaf. Every member is in every hierarchy's leaf (the child
+    /// Whether no process is in the leaf. Every member is in every hierarchy's leaf (the child
     /// joins them all before it can fork), so one directory tells: the first, v2's
     /// where there is one.
-    fn is_empty(&self) -> bool {
+    /// `None`: it cannot be read now.
+    fn is_empty(&self) -> Option<bool> {
         let Some((_, dir, _)) = self.dirs.first() else {
-            return true;
+            return Some(true);
         };
-        std::fs::read(dir.join("cgroup.procs")).is_ok_and(|t| t.is_empty())
+        std::fs::read(dir.join("cgroup.procs"))
+            .ok()
+            .map(|t| t.is_empty())
     }
 
     /// Every process in the leaf (any hierarchy).

@@ -630,3 +630,74 @@ fn signal_and_reap(g: &mut Guestd, sig: libc::c_int) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A leaf whose command was killed (`cgroup.kill`) is never handed to another command:
+/// on Linux 6.18 a child created in a cgroup that was ever killed this way is SIGKILLed
+/// at birth (D73). Every command after the kill must run to its own end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_commands_leaf_never_kills_a_later_command() {
+    use common::cgroup::TestCgroup;
+    let cg = TestCgroup::create();
+    let g = Guestd::start_with(&[
+        "--default-user",
+        "root",
+        "--no-code-interpreter",
+        "--cgroup-root",
+        &cg.rel,
+    ]);
+    let c = g.client();
+    let mut s = c
+        .server_stream(
+            Codec::Json,
+            "/process.Process/Start",
+            &start_req("sh", &["-c", "cat /proc/self/cgroup; exec sleep 30"], false),
+            &[],
+        )
+        .await;
+    let first = s
+        .next_message::<pb::StartResponse>()
+        .await
+        .expect("start event");
+    let Some(pb::process_event::Event::Start(st)) = first.event.and_then(|e| e.event) else {
+        panic!("the first event is not the start");
+    };
+    let pid = st.pid;
+    // The command is running (it printed its cgroup) before it is killed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _: pb::SendSignalResponse = c
+        .unary(
+            Codec::Json,
+            "/process.Process/SendSignal",
+            &pb::SendSignalRequest {
+                process: Some(pb::ProcessSelector {
+                    selector: Some(pb::process_selector::Selector::Pid(pid)),
+                }),
+                signal: pb::Signal::Sigkill as i32,
+            },
+            &[],
+        )
+        .await
+        .expect("SendSignal");
+    let run_killed = tokio::time::timeout(HANG, common::collect_rest(&mut s, pid))
+        .await
+        .expect("the killed command's stream ended");
+    let killed_leaf = leaf_of(&String::from_utf8_lossy(&run_killed.stdout));
+    assert!(killed_leaf.starts_with("cmd-"), "{run_killed:?}");
+    assert_eq!(
+        run_killed.end.as_ref().map(|e| e.status.as_str()),
+        Some("signal: killed")
+    );
+
+    // The janitor thread takes ended leaves back in rounds (20 ms apart).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..40 {
+        let r = run(&c, &start_req("cat", &["/proc/self/cgroup"], false)).await;
+        let end = r.end.clone().expect("end");
+        assert_eq!(end.exit_code, 0, "a later command was killed: {r:?}");
+        assert_ne!(
+            leaf_of(&String::from_utf8_lossy(&r.stdout)),
+            killed_leaf,
+            "the killed command's leaf was handed out again"
+        );
+    }
+}

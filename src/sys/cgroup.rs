@@ -196,6 +196,10 @@ pub struct Leaf {
     /// The directories were handed to another command: this handle no longer touches
     /// them.
     released: std::sync::atomic::AtomicBool,
+    /// `cgroup.kill` was written. Such a leaf is never reused: on Linux 6.18 a child
+    /// created in a cgroup that was ever killed this way (`clone3(CLONE_INTO_CGROUP)`)
+    /// is SIGKILLed at birth, even when the kill was long over and the cgroup empty.
+    killed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Job {
@@ -650,6 +654,7 @@ impl Inner {
     fn recycle(&self, leaf: &Leaf) -> bool {
         if self.pool.lock().unwrap_or_else(|p| p.into_inner()).len() >= POOL_MAX
             || leaf.released.load(Ordering::SeqCst)
+            || leaf.killed.load(Ordering::SeqCst)
         {
             return false;
         }
@@ -661,6 +666,7 @@ impl Inner {
             janitor: None,
             oom_base: 0,
             released: std::sync::atomic::AtomicBool::new(false),
+            killed: std::sync::atomic::AtomicBool::new(false),
         };
         let fresh = Leaf {
             oom_base: fresh.oom_count(),
@@ -747,6 +753,7 @@ impl Inner {
             janitor: None,
             oom_base: 0,
             released: std::sync::atomic::AtomicBool::new(false),
+            killed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -859,8 +866,12 @@ impl Leaf {
         }
         if sig == libc::SIGKILL {
             for (kind, dir, _) in &self.dirs {
-                if *kind == Kind::V2 && write(&dir.join("cgroup.kill"), "1").is_ok() {
-                    return;
+                if *kind == Kind::V2 {
+                    // Marked before the write: a leaf with a kill in flight is not reused.
+                    self.killed.store(true, Ordering::SeqCst);
+                    if write(&dir.join("cgroup.kill"), "1").is_ok() {
+                        return;
+                    }
                 }
             }
         }

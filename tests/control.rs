@@ -880,3 +880,69 @@ async fn kernel_sockets_are_never_forwarded() {
     }
     let _ = execute_lines(&code, "srv.shutdown(); child.kill()").await;
 }
+
+/// Sends `head`, waits, sends `body`, and reads one HTTP/1.1 response (head and a
+/// content-length body) from `s`. Returns the status line and the head.
+async fn exchange(s: &mut tokio::net::TcpStream, head: &str, body: &[u8]) -> (String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    s.write_all(head.as_bytes()).await.expect("write head");
+    if !body.is_empty() {
+        // The body arrives after guestd has seen the head (as a streaming client sends it).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.write_all(body).await.expect("write body");
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("an answer")
+            .expect("read");
+        assert!(
+            n > 0,
+            "connection closed; got so far: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = text[..end].to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap_or(0));
+            if buf.len() >= end + 4 + len {
+                return (head.lines().next().unwrap_or("").to_string(), head);
+            }
+        }
+    }
+}
+
+/// A request refused for its token keeps the connection usable, even when its body
+/// arrives after the refusal was decided: the SDK sends `/health` on the same pooled
+/// connection right after a refused `Start`, and it failed when guestd closed it.
+#[tokio::test]
+async fn a_refused_request_leaves_the_connection_usable() {
+    let g = Guestd::start();
+    let c = g.client();
+    let (st, _, _) = init(&c, serde_json::json!({"accessToken": "s3cret"})).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", g.port))
+        .await
+        .expect("connect");
+    let body = br#"{"process":{"cmd":"true"}}"#;
+    let mut env = vec![0u8];
+    env.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    env.extend_from_slice(body);
+    let head = format!(
+        "POST /process.Process/Start HTTP/1.1\r\nhost: x\r\ncontent-type: application/connect+json\r\ncontent-length: {}\r\n\r\n",
+        env.len()
+    );
+    let (status, head) = exchange(&mut s, &head, &env).await;
+    assert_eq!(status, "http/1.1 401 unauthorized", "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    // The same connection serves the next request.
+    let (status, head) = exchange(&mut s, "GET /health HTTP/1.1\r\nhost: x\r\n\r\n", b"").await;
+    assert_eq!(status, "http/1.1 204 no content", "{head}");
+}

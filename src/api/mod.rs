@@ -219,10 +219,49 @@ async fn authorized_route(agent: Arc<Agent>, req: Request<Incoming>) -> Response
     if !token_exempt(req.method(), req.uri().path()) {
         let presented = req.headers().get("x-access-token").map(|v| v.as_bytes());
         if !agent.token.admits(presented) {
-            return unauthorized_token();
+            let keep_alive = drain_request(req).await;
+            let mut resp = unauthorized_token();
+            if !keep_alive {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return resp;
         }
     }
     route(agent, req).await
+}
+
+/// Most of a refused request's body read (and dropped) before the answer: the body of
+/// a request answered without reading it may still be on its way, and hyper then
+/// closes the connection after the answer, without saying so in it. A client that put
+/// the connection back in its pool meanwhile had its next request (the SDK's `/health`
+/// after a refused `Start`) fail with "connection closed before message completed".
+const DRAIN_BYTES: usize = 64 * 1024;
+const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads the request body to its end within [`DRAIN_BYTES`] and [`DRAIN_WITHIN`];
+/// false when it did not end there (the answer then says `Connection: close`).
+async fn drain_request(req: Request<Incoming>) -> bool {
+    use http_body_util::BodyExt as _;
+    let mut body = req.into_body();
+    let read = async {
+        let mut n = 0usize;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    n += f.data_ref().map_or(0, |d| d.len());
+                    if n > DRAIN_BYTES {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    };
+    tokio::time::timeout(DRAIN_WITHIN, read)
+        .await
+        .unwrap_or(false)
 }
 
 /// The contract's exact 401 for a missing or wrong access token.

@@ -30,19 +30,12 @@ struct Rss {
 }
 
 fn rss(pid: u32) -> Rss {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let [total, anon, file, shmem] =
+        common::bench::status_kib(pid, ["VmRSS:", "RssAnon:", "RssFile:", "RssShmem:"]);
     Rss {
-        total: field("VmRSS:"),
-        anon: field("RssAnon:"),
-        file: field("RssFile:") + field("RssShmem:"),
+        total,
+        anon,
+        file: file + shmem,
     }
 }
 

@@ -18,17 +18,10 @@ const HANG: Duration = Duration::from_secs(60);
 
 fn start_req(cmd: &str, args: &[&str], pty: bool) -> pb::StartRequest {
     pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: cmd.into(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            envs: Default::default(),
-            cwd: None,
-        }),
         pty: pty.then_some(pb::Pty {
             size: Some(pb::pty::Size { cols: 80, rows: 24 }),
         }),
-        tag: None,
-        stdin: Some(false),
+        ..common::bench::start_req(cmd, args)
     }
 }
 
@@ -493,22 +486,38 @@ fn leaf_of(cgroup_text: &str) -> String {
         .to_string()
 }
 
-/// Leaves are reused once their command has ended and they are empty (D12): a command
-/// that gets the leaf of an OOM-killed one must not be reported as OOM-killed itself,
-/// and a leaf is never handed out while a process of its earlier command still lives.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reused_leaf_carries_no_earlier_oom_kill_and_no_earlier_process() {
-    use common::cgroup::TestCgroup;
-    let cg = TestCgroup::create();
-    let g = Guestd::start_with(&[
+/// guestd with its user cgroup under the test's own root, plus `extra` flags.
+fn guestd_in(cg: &common::cgroup::TestCgroup, extra: &[&str]) -> Guestd {
+    let mut args = vec![
         "--default-user",
         "root",
         "--no-code-interpreter",
         "--cgroup-root",
         &cg.rel,
-        "--user-memory-max",
-        "134217728",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    Guestd::start_with(&args)
+}
+
+/// Forty `cat /proc/self/cgroup` after the janitor thread had time to take ended leaves
+/// back (it works in rounds 20 ms apart): each run with the leaf it ran in.
+async fn forty_later_commands(c: &Client) -> Vec<(String, common::Run)> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut out = Vec::new();
+    for _ in 0..40 {
+        let r = run(c, &start_req("cat", &["/proc/self/cgroup"], false)).await;
+        out.push((leaf_of(&String::from_utf8_lossy(&r.stdout)), r));
+    }
+    out
+}
+
+/// Leaves are reused once their command has ended and they are empty (D12): a command
+/// that gets the leaf of an OOM-killed one must not be reported as OOM-killed itself,
+/// and a leaf is never handed out while a process of its earlier command still lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_leaf_carries_no_earlier_oom_kill_and_no_earlier_process() {
+    let cg = common::cgroup::TestCgroup::create();
+    let g = guestd_in(&cg, &["--user-memory-max", "134217728"]);
     let c = g.client();
     // A daemon left behind by a command keeps its leaf out of the pool.
     let daemon = run(
@@ -540,18 +549,15 @@ async fn a_reused_leaf_carries_no_earlier_oom_kill_and_no_earlier_process() {
     let end = hog.end.clone().expect("end");
     assert!(end.oom_killed, "the hog was OOM-killed: {end:?}");
 
-    // The janitor thread takes ended leaves back in rounds (20 ms apart).
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut seen = Vec::new();
-    for _ in 0..40 {
-        let r = run(&c, &start_req("cat", &["/proc/self/cgroup"], false)).await;
+    for (leaf, r) in forty_later_commands(&c).await {
         let end = r.end.clone().expect("end");
         assert!(
             !end.oom_killed,
             "an earlier command's OOM kill leaked: {r:?}"
         );
         assert_eq!(end.exit_code, 0, "{r:?}");
-        seen.push(leaf_of(&String::from_utf8_lossy(&r.stdout)));
+        seen.push(leaf);
     }
     assert!(
         seen.contains(&hog_leaf),
@@ -567,15 +573,7 @@ async fn a_reused_leaf_carries_no_earlier_oom_kill_and_no_earlier_process() {
 /// empty leaves of an instance that was SIGKILLed are removed by the next one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_leaves_leave_with_guestd_or_with_its_successor() {
-    use common::cgroup::TestCgroup;
-    let cg = TestCgroup::create();
-    let args = [
-        "--default-user",
-        "root",
-        "--no-code-interpreter",
-        "--cgroup-root",
-        &cg.rel,
-    ];
+    let cg = common::cgroup::TestCgroup::create();
     let leaves = || -> Vec<String> {
         let mut out = Vec::new();
         for d in &cg.dirs {
@@ -603,7 +601,7 @@ async fn ready_leaves_leave_with_guestd_or_with_its_successor() {
         }
     };
 
-    let mut a = Guestd::start_with(&args);
+    let mut a = guestd_in(&cg, &[]);
     let pid_a = a.pid();
     let made = wait_for("guestd made ready leaves", &|l| !l.is_empty());
     assert!(made.iter().all(|l| l.contains(&format!("cmd-{pid_a}-"))));
@@ -611,7 +609,7 @@ async fn ready_leaves_leave_with_guestd_or_with_its_successor() {
     let orphans = leaves();
     assert!(!orphans.is_empty(), "a SIGKILLed guestd cannot clean up");
 
-    let mut b = Guestd::start_with(&args);
+    let mut b = guestd_in(&cg, &[]);
     let pid_b = b.pid();
     wait_for("the next guestd swept the dead one's leaves", &|l| {
         !l.is_empty() && l.iter().all(|x| x.contains(&format!("cmd-{pid_b}-")))
@@ -636,15 +634,8 @@ fn signal_and_reap(g: &mut Guestd, sig: libc::c_int) {
 /// at birth (D73). Every command after the kill must run to its own end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_commands_leaf_never_kills_a_later_command() {
-    use common::cgroup::TestCgroup;
-    let cg = TestCgroup::create();
-    let g = Guestd::start_with(&[
-        "--default-user",
-        "root",
-        "--no-code-interpreter",
-        "--cgroup-root",
-        &cg.rel,
-    ]);
+    let cg = common::cgroup::TestCgroup::create();
+    let g = guestd_in(&cg, &[]);
     let c = g.client();
     let mut s = c
         .server_stream(
@@ -688,15 +679,11 @@ async fn a_killed_commands_leaf_never_kills_a_later_command() {
         Some("signal: killed")
     );
 
-    // The janitor thread takes ended leaves back in rounds (20 ms apart).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for _ in 0..40 {
-        let r = run(&c, &start_req("cat", &["/proc/self/cgroup"], false)).await;
+    for (leaf, r) in forty_later_commands(&c).await {
         let end = r.end.clone().expect("end");
         assert_eq!(end.exit_code, 0, "a later command was killed: {r:?}");
         assert_ne!(
-            leaf_of(&String::from_utf8_lossy(&r.stdout)),
-            killed_leaf,
+            leaf, killed_leaf,
             "the killed command's leaf was handed out again"
         );
     }

@@ -73,27 +73,13 @@ async fn send(
     .expect("request failed")
 }
 
-fn start_request(cmd: &str, args: &[&str]) -> pb::StartRequest {
-    pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: cmd.into(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            envs: Default::default(),
-            cwd: None,
-        }),
-        pty: None,
-        tag: None,
-        stdin: Some(false),
-    }
-}
-
 /// Runs Start on `s`; returns (stdout, exit code) or the end-of-stream error.
 async fn start(
     s: &mut SendRequest<Full<Bytes>>,
     cmd: &str,
     args: &[&str],
 ) -> Result<(Vec<u8>, i32), serde_json::Value> {
-    let body = envelope(0, &Codec::Json.encode(&start_request(cmd, args)));
+    let body = envelope(0, &Codec::Json.encode(&common::bench::start_req(cmd, args)));
     let resp = send(
         s,
         Method::POST,

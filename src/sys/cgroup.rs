@@ -652,30 +652,19 @@ impl Inner {
     /// Puts an ended command's (empty) leaf back into the pool if it has room; the old
     /// handle is released (it no longer signals, lists or removes).
     fn recycle(&self, leaf: &Leaf) -> bool {
-        if self.pool.lock().unwrap_or_else(|p| p.into_inner()).len() >= POOL_MAX
-            || leaf.released.load(Ordering::SeqCst)
-            || leaf.killed.load(Ordering::SeqCst)
-        {
+        if leaf.released.load(Ordering::SeqCst) || leaf.killed.load(Ordering::SeqCst) {
+            return false;
+        }
+        // Read before taking the lock a Start may be waiting on.
+        let oom_base = leaf.oom_count();
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() >= POOL_MAX {
             return false;
         }
         leaf.released.store(true, Ordering::SeqCst);
-        let fresh = Leaf {
-            dirs: leaf.dirs.clone(),
-            procs: leaf.procs.clone(),
-            v2_dir: leaf.v2_dir.clone(),
-            janitor: None,
-            oom_base: 0,
-            released: std::sync::atomic::AtomicBool::new(false),
-            killed: std::sync::atomic::AtomicBool::new(false),
-        };
-        let fresh = Leaf {
-            oom_base: fresh.oom_count(),
-            ..fresh
-        };
-        self.pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(fresh);
+        let mut fresh = Leaf::new(leaf.dirs.clone(), leaf.procs.clone(), leaf.v2_dir.clone());
+        fresh.oom_base = oom_base;
+        pool.push(fresh);
         true
     }
 
@@ -746,15 +735,7 @@ impl Inner {
             }
             dirs.push((h.kind, dir, h.v2_memory));
         }
-        Ok(Leaf {
-            dirs,
-            procs,
-            v2_dir,
-            janitor: None,
-            oom_base: 0,
-            released: std::sync::atomic::AtomicBool::new(false),
-            killed: std::sync::atomic::AtomicBool::new(false),
-        })
+        Ok(Leaf::new(dirs, procs, v2_dir))
     }
 }
 
@@ -765,7 +746,7 @@ impl Drop for Inner {
 }
 
 /// Opens a directory as an `O_PATH` descriptor (what `CLONE_INTO_CGROUP` takes).
-fn open_path(dir: &Path) -> Option<OwnedFd> {
+pub(crate) fn open_path(dir: &Path) -> Option<OwnedFd> {
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
@@ -783,6 +764,22 @@ fn apply(file: &Path, value: Option<u64>) {
 }
 
 impl Leaf {
+    fn new(
+        dirs: Vec<(Kind, PathBuf, bool)>,
+        procs: Vec<CString>,
+        v2_dir: Option<(Arc<OwnedFd>, usize)>,
+    ) -> Leaf {
+        Leaf {
+            dirs,
+            procs,
+            v2_dir,
+            janitor: None,
+            oom_base: 0,
+            released: std::sync::atomic::AtomicBool::new(false),
+            killed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     /// `cgroup.procs` files the child writes `0` into before exec (joining the leaf
     /// in every hierarchy, and the group in the weight-only v1 hierarchies, without a
     /// window in which it could fork outside).

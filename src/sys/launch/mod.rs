@@ -780,8 +780,6 @@ fn errno_text(e: libc::c_int) -> &'static [u8] {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::OpenOptionsExt as _;
-
     use super::*;
 
     fn c(s: &str) -> CString {
@@ -854,28 +852,30 @@ mod tests {
         Some(dir)
     }
 
+    /// Launches `cmd` with its stdout on a pipe and `cgroup_at_clone`; returns what it
+    /// wrote once it exited 0.
+    async fn output_of(mut cmd: Command, at_clone: Option<(Arc<OwnedFd>, usize)>) -> String {
+        let (r, w) = pipe().unwrap();
+        cmd.stdio[1] = Stdio::Fd(w);
+        cmd.cgroup_at_clone = at_clone;
+        let l = launch(cmd).await.unwrap();
+        assert_eq!(l.waiter.await.code(), Some(0));
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
+        out
+    }
+
     #[tokio::test]
     async fn the_child_is_created_in_its_v2_cgroup_without_moving() {
         let Some(dir) = v2_dir() else {
             panic!("the test needs a writable cgroup v2 hierarchy (run as root)");
         };
-        let fd = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-            .open(&dir)
-            .map(OwnedFd::from)
-            .unwrap();
-        let (r, w) = pipe().unwrap();
+        let fd = crate::sys::cgroup::open_path(&dir).unwrap();
         let mut cmd = sh("cat /proc/self/cgroup");
-        cmd.stdio[1] = Stdio::Fd(w);
         // The join this placement replaces names a file that does not exist: only
         // clone3(CLONE_INTO_CGROUP) can have put the child there.
         cmd.cgroup_procs = vec![c("/nonexistent/guestd-test/cgroup.procs")];
-        cmd.cgroup_at_clone = Some((Arc::new(fd), 0));
-        let l = launch(cmd).await.unwrap();
-        assert_eq!(l.waiter.await.code(), Some(0));
-        let mut out = String::new();
-        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
+        let out = output_of(cmd, Some((Arc::new(fd), 0))).await;
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         let v2 = out.lines().find(|l| l.starts_with("0::")).unwrap_or("");
         let _ = std::fs::remove_dir(&dir);
@@ -888,14 +888,7 @@ mod tests {
         // A regular file is no cgroup: clone3 fails, nothing was created, and the
         // child is cloned the old way (and joins what it is given).
         let f = std::fs::File::open("/proc/self/cgroup").unwrap();
-        let (r, w) = pipe().unwrap();
-        let mut cmd = sh("echo ran");
-        cmd.stdio[1] = Stdio::Fd(w);
-        cmd.cgroup_at_clone = Some((Arc::new(OwnedFd::from(f)), 0));
-        let l = launch(cmd).await.unwrap();
-        assert_eq!(l.waiter.await.code(), Some(0));
-        let mut out = String::new();
-        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
+        let out = output_of(sh("echo ran"), Some((Arc::new(OwnedFd::from(f)), 0))).await;
         assert_eq!(out, "ran\n");
     }
 
